@@ -1,0 +1,77 @@
+"""Device selection and mixed precision policy.
+
+One place decides CPU vs CUDA, the autocast dtype (bf16 where the GPU supports it, fp16 + loss scaling
+otherwise, fp32 on CPU) and memory format, so every stage behaves the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> "torch.amp.GradScaler":
+        return torch.amp.GradScaler(self.device.type, enabled=self.needs_grad_scaler)
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def tensor(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def resolve_runtime(device: str = "auto", amp: bool = True) -> Runtime:
+    """Turn ``--device auto|cpu|cuda[:N]`` into a Runtime, failing with a clear message."""
+    name = (device or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu or --device auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        dtype = None
+        if amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Runtime(dev, dtype, channels_last=True)
+    if name != "cpu":
+        raise UserError(f"unknown --device {device!r}; use auto, cpu or cuda")
+    return Runtime(torch.device("cpu"), None, channels_last=False)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[torch.Generator]:
+    """A private CPU generator so results depend on the seed, not on what ran before."""
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    yield g

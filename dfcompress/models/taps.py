@@ -1,0 +1,86 @@
+"""Feature taps: forward hooks that record intermediate activations without touching ``forward``.
+
+Statistics recovery/collection and the inversion losses all read features through these hooks, so
+they work on any ``nn.Module`` (zoo models, converted ONNX/TorchScript graphs) alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batchnorm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """BatchNorm layers that carry running statistics (the ones DeepInversion matches)."""
+    return [
+        (name, m) for name, m in module.named_modules()
+        if isinstance(m, _BN_TYPES) and m.track_running_stats and m.running_mean is not None
+    ]
+
+
+@dataclass(frozen=True)
+class StatLayer:
+    """A place whose per-channel statistics describe the data: a BN input or, when BN was folded, a conv output."""
+
+    name: str
+    side: Literal["input", "output"]
+    channels: int
+
+
+def stat_layers(module: nn.Module) -> list[StatLayer]:
+    """BN inputs when the model has BatchNorm; otherwise every Conv2d output (BN-fused models).
+
+    A BN input *is* the preceding conv's output, so both choices measure the same kind of feature;
+    the fused case simply has no stored statistics and needs collected ones.
+    """
+    bns = batchnorm_layers(module)
+    if bns:
+        return [StatLayer(n, "input", m.num_features) for n, m in bns if isinstance(m, nn.BatchNorm2d)]
+    return [StatLayer(n, "output", m.out_channels) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+class FeatureTaps:
+    """Record the input or output of named submodules on every forward pass.
+
+    >>> with FeatureTaps(model, [("layer1", "output")]) as taps:
+    ...     model(x); f = taps["layer1"]
+    """
+
+    def __init__(self, module: nn.Module, where: Iterable[tuple[str, str]] | Iterable[StatLayer], detach: bool = False):
+        self.module = module
+        self.detach = detach
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        modules = dict(module.named_modules())
+        for item in where:
+            name, side = (item.name, item.side) if isinstance(item, StatLayer) else item
+            if name not in modules:
+                raise KeyError(f"no submodule named {name!r}")
+            self._handles.append(modules[name].register_forward_hook(self._hook(name, side)))
+
+    def _hook(self, name: str, side: str):
+        def hook(_mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            value = inputs[0] if side == "input" else output
+            self.features[name] = value.detach() if self.detach else value
+        return hook
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.features[name]
+
+    def clear(self) -> None:
+        self.features.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "FeatureTaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,41 @@
+"""Progress bars on stderr, only when stderr is a terminal (CI logs and pipes stay clean)."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class _Silent:
+    def add_task(self, *a, **k) -> int:
+        return 0
+
+    def update(self, *a, **k) -> None:
+        pass
+
+    def advance(self, *a, **k) -> None:
+        pass
+
+
+@contextmanager
+def progress(enabled: bool | None = None) -> Iterator[object]:
+    """Yield an object with rich.Progress's ``add_task``/``update``/``advance``."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield _Silent()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=False,
+    ) as p:
+        yield p
+
+
+def log(message: str) -> None:
+    """Human-readable status line on stderr (stdout is for machine-readable output)."""
+    print(message, file=sys.stderr, flush=True)
