@@ -50,7 +50,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # keep the real suffix last: some writers (torch.export.save, onnx) dispatch on the extension
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix="".join(target.suffixes[-1:]), dir=target.parent)
         os.close(fd)
     except OSError as exc:
         raise _disk_error(target, exc) from None
@@ -59,6 +60,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get normal permissions
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
@@ -67,6 +69,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -53,6 +53,7 @@ class SynthesizeSettings:
     alpha_std: float = _f(1.0, "Adaptive Channel Scaling init std", min=0.0)
     use_pyramid: bool = _f(True, "NaturalInversion: use the Feature Transfer Pyramid (ablation switch)")
     use_scaling: bool = _f(True, "NaturalInversion: use Adaptive Channel Scaling (ablation switch)")
+    pixel_clamp: bool = _f(True, "NaturalInversion: clamp images to the valid pixel range inside the loop (straight-through gradient) so the teacher judges exactly the images that are stored; false = the paper's unclamped optimisation")
     lambda_ce: float = _f(1.0, "weight of the cross-entropy term", min=0.0)
     lambda_bn: float = _f(10.0, "weight of the feature-statistics term (BN or class-conditional)", min=0.0)
     first_bn_multiplier: float = _f(1.0, "extra weight on the first statistics layer (DeepInversion uses 10)", min=0.0)
@@ -85,6 +86,7 @@ class DistillSettings:
     crop_padding: int = _f(4, "random-crop padding in pixels (0 disables)", min=0)
     flip: bool = _f(True, "random horizontal flip during training")
     export: bool = _f(True, "export the result to ONNX (checked with onnxruntime)")
+    holdout: float = _f(0.1, "fraction of the synthetic set kept out of training to measure agreement with the teacher (distill and prune)", min=0.0, max=0.5)
 
 
 @dataclass

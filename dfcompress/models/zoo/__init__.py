@@ -1,0 +1,10 @@
+"""Model zoo: ``create_model(name, num_classes, in_channels, input_size)`` over a timm-style registry.
+
+Importing this package registers every family; each family lives in its own module.
+"""
+from __future__ import annotations
+
+from . import digits, mobilenetv2, resnet, resnet_cifar, vgg, wrn  # noqa: F401  (registration side effects)
+from .registry import create_model, list_models, model_defaults, register_model, resolve_model_name
+
+__all__ = ["create_model", "list_models", "model_defaults", "register_model", "resolve_model_name"]

@@ -1,0 +1,161 @@
+"""Inversion losses as pure functions of tensors (no hooks, no modules, no state).
+
+The synthesizers collect features with hooks and hand plain tensors here, so every term can be
+unit-tested on its own and reused by NaturalInversion, DeepInversion/ADI and CMI alike.
+
+Conventions follow the papers' reference code, whose default weights (lambda_TV = 6e-3,
+lambda_l2 = 1.5e-5) were tuned for them: TV and l2 are norms over the *whole batch* (so their weight
+grows like sqrt(batch size)), the statistics term is a *sum* over layers of l2 distances (eq. 3).
+Everything is computed in float32 whatever the autocast dtype of the features.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """R_TV: l2 norms of the horizontal, vertical and both diagonal pixel differences (DeepInversion's ``loss_var_l2``)."""
+    x = x.float()
+    d1 = x[..., :, :-1] - x[..., :, 1:]
+    d2 = x[..., :-1, :] - x[..., 1:, :]
+    d3 = x[..., 1:, :-1] - x[..., :-1, 1:]
+    d4 = x[..., :-1, :-1] - x[..., 1:, 1:]
+    return torch.linalg.vector_norm(d1) + torch.linalg.vector_norm(d2) + torch.linalg.vector_norm(d3) + torch.linalg.vector_norm(d4)
+
+
+def l2_prior(x: Tensor) -> Tensor:
+    """R_l2 = ||x||_2 over the batch: keeps the image norm small (eq. 4)."""
+    return torch.linalg.vector_norm(x.float())
+
+
+def moments(feat: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and population variance over every dim but dim 1 (what BN normalises with)."""
+    feat = feat.float()
+    dims = [d for d in range(feat.dim()) if d != 1]
+    var, mean = torch.var_mean(feat, dim=dims, unbiased=False)
+    return mean, var
+
+
+def stat_distance(mean: Tensor, var: Tensor, target_mean: Tensor, target_var: Tensor) -> Tensor:
+    """||mu - mu_hat||_2 + ||var - var_hat||_2 for one layer (eq. 3 / You-Get-What-You-Sow eq. 7).
+
+    With leading class dims ([P, C]) the distance is taken per row and returned per row ([P]).
+    """
+    target_mean = target_mean.to(mean.dtype)
+    target_var = target_var.to(var.dtype)
+    return torch.linalg.vector_norm(mean - target_mean, dim=-1) + torch.linalg.vector_norm(var - target_var, dim=-1)
+
+
+def global_stat_loss(feat: Tensor, target_mean: Tensor, target_var: Tensor) -> Tensor:
+    """DeepInversion's R_BN term of one layer: batch statistics vs stored (running) statistics."""
+    mean, var = moments(feat)
+    return stat_distance(mean, var, target_mean, target_var)
+
+
+class ClassIndex:
+    """Which class each sample belongs to, computed once per batch (labels stay fixed while optimising).
+
+    ``classes`` [P] are the distinct labels present, ``inverse`` [B] maps samples to rows of ``classes``,
+    ``counts`` [P] is the number of samples per present class.
+    """
+
+    def __init__(self, labels: Tensor):
+        self.classes, self.inverse, self.counts = torch.unique(labels, return_inverse=True, return_counts=True)
+
+
+def class_moments(feat: Tensor, index: ClassIndex) -> tuple[Tensor, Tensor]:
+    """Per-class channel mean/variance [P, C] over (samples of the class, spatial positions).
+
+    Uses the law of total variance on per-sample moments, which needs no per-class loop and stays
+    exact: var_y = mean_i(var_i + (mean_i - mean_y)^2) over the samples i of class y.
+    """
+    feat = feat.float()
+    dims = list(range(2, feat.dim()))
+    if dims:
+        var_i, mean_i = torch.var_mean(feat, dim=dims, unbiased=False)
+    else:
+        mean_i, var_i = feat, torch.zeros_like(feat)
+    p, c = index.classes.numel(), feat.shape[1]
+    counts = index.counts.to(feat.device, torch.float32).unsqueeze(1)
+    inverse = index.inverse.to(feat.device)
+    mean_y = feat.new_zeros(p, c).index_add_(0, inverse, mean_i) / counts
+    spread = var_i + (mean_i - mean_y[inverse]) ** 2
+    var_y = feat.new_zeros(p, c).index_add_(0, inverse, spread) / counts
+    return mean_y, var_y
+
+
+def class_conditional_stat_loss(
+    feat: Tensor, index: ClassIndex, target_mean: Tensor, target_var: Tensor, valid: Tensor | None = None
+) -> Tensor:
+    """F_l of You-Get-What-You-Sow eq. 7 averaged over the classes present in the batch.
+
+    ``target_mean``/``target_var`` are [K, C] per-class statistics; ``valid`` [K] marks classes that
+    have statistics at all (a class without seed images cannot be regularised and is left out).
+    """
+    mean_y, var_y = class_moments(feat, index)
+    classes = index.classes.to(target_mean.device)
+    per_class = stat_distance(mean_y, var_y, target_mean[classes].to(feat.device), target_var[classes].to(feat.device))
+    if valid is None:
+        return per_class.mean()
+    keep = valid.to(per_class.device)[index.classes.to(per_class.device)].to(per_class.dtype)
+    return (per_class * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def layer_weights(n: int, first_multiplier: float) -> list[float]:
+    """DeepInversion's ``first_bn_multiplier``: extra weight on the first statistics layer."""
+    return [float(first_multiplier)] + [1.0] * (n - 1) if n else []
+
+
+def weighted_sum(terms: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_l w_l * term_l (eq. 3's sum over layers)."""
+    if not terms:
+        raise ValueError("no statistics layers to sum over")
+    total = terms[0] * weights[0]
+    for t, w in zip(terms[1:], weights[1:]):
+        total = total + t * w
+    return total
+
+
+def js_divergence(logits_p: Tensor, logits_q: Tensor, temperature: float = 1.0) -> Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) between two softmaxes, averaged over the batch.
+
+    Symmetric and zero for identical logits; ADI's competition term is ``1 - JS / ln 2``.
+    """
+    p = F.softmax(logits_p.float() / temperature, dim=1)
+    q = F.softmax(logits_q.float() / temperature, dim=1)
+    m = 0.5 * (p + q)
+    log_m = m.clamp_min(1e-12).log()
+    kl_pm = (p * (p.clamp_min(1e-12).log() - log_m)).sum(1)
+    kl_qm = (q * (q.clamp_min(1e-12).log() - log_m)).sum(1)
+    return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+def competition_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """ADI: 1 - JS/ln2, minimised where teacher and student disagree (DeepInversion uses T = 3)."""
+    return 1.0 - js_divergence(teacher_logits, student_logits, temperature) / math.log(2.0)
+
+
+def info_nce(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
+    """Contrastive instance discrimination (CMI eq. 7): query i's positive is key i, all other keys are negatives.
+
+    ``queries`` [B, D], ``keys`` [B + M, D] (the batch's positives followed by M memory-bank negatives);
+    both are l2-normalised here, so the logits are cosine similarities / temperature.
+    """
+    q = F.normalize(queries.float(), dim=1)
+    k = F.normalize(keys.float(), dim=1)
+    logits = q @ k.t() / temperature
+    target = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(logits, target)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t

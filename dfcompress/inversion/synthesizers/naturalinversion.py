@@ -1,0 +1,111 @@
+"""NaturalInversion (Kim et al., AAAI 2022): one fresh generator + Feature Transfer Pyramid + channel scaling per batch.
+
+Per iteration (Algorithm 1), with at most two teacher passes:
+
+1. g = G(z|y) (fresh conditional generator, table 6, sized from the teacher's input);
+2. no-grad teacher pass on g; hooks on the stage modules give f_1..f_N (skipped without the pyramid);
+3. I_hat = alpha ⊗ tanh(W1(g + FTP(f))) (without the pyramid: alpha ⊗ tanh(g)), then (``pixel_clamp``,
+   our addition) clamped to the valid pixel range with a straight-through gradient, so the teacher
+   judges exactly the images that will be stored as [0, 1] pixels;
+4. teacher pass with gradients on jitter/flip(I_hat): L = λ_ce CE + λ_bn R_stats + λ_tv TV + λ_l2 ||I_hat||.
+
+Pass 2 cannot be shared with pass 1: the loss is on T(I_hat) while the pyramid reads T(G(z|y)). Pass 1
+is forward-only (the reference code also treats the features as constants), and teacher weights
+never get gradients, so an iteration costs about 1.3-1.5 teacher forward/backward passes plus the
+small generator and pyramid.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...models.stages import probe_stages
+from .. import losses
+from ..augment import jitter_flip
+from ..generator import ConditionalGenerator
+from ..pyramid import FeatureTransferPyramid, StageTaps
+from ..scaling import ChannelScaling
+from .base import BatchResult, StepCallback, Synthesizer
+from .common import (BestKeeper, StatsTerm, Stepper, derive_seed, frozen, image_priors, pixel_bounds, record,
+                     seeded_module, stat_targets, straight_through_clamp, to_pixels)
+
+
+class NaturalInversion(Synthesizer):
+    """The default method. ``settings.use_pyramid`` / ``use_scaling`` switch its two additions off for ablations."""
+
+    name = "naturalinversion"
+
+    def __init__(self, teacher, settings, runtime, stats=None):
+        super().__init__(teacher, settings, runtime, stats)
+        self.model = runtime.prepare(teacher.module)
+        self.targets = stat_targets(self.model, stats, teacher.source)
+        self.stages = probe_stages(self.model, tuple(teacher.input_shape)) if settings.use_pyramid else []
+
+    def build_pyramid(self, seed: int) -> FeatureTransferPyramid:
+        """A freshly initialised FTP for this teacher's stages."""
+        return seeded_module(seed, lambda: FeatureTransferPyramid(self.stages, tuple(self.teacher.input_shape)))
+
+    def build_generator(self, seed: int) -> ConditionalGenerator:
+        c, h, w = self.teacher.input_shape
+        return seeded_module(
+            seed, lambda: ConditionalGenerator(self.settings.latent_dim, self.teacher.num_classes, c, h, w)
+        )
+
+    def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
+        s, rt = self.settings, self.runtime
+        dev = rt.device
+        rng = torch.Generator().manual_seed(int(seed))
+        labels_cpu = labels.detach().to("cpu", torch.long)
+        b = labels_cpu.shape[0]
+        c = self.teacher.input_shape[0]
+
+        gen = rt.prepare(self.build_generator(derive_seed(rng)))
+        ftp = rt.prepare(self.build_pyramid(derive_seed(rng))) if s.use_pyramid else None
+        acs = ChannelScaling(b, c, s.alpha_mean, s.alpha_std, rng, learnable=s.use_scaling).to(dev)
+        z = torch.randn(b, s.latent_dim, generator=rng)
+        zy = gen.latent(z, labels_cpu).to(dev)
+        y = labels_cpu.to(dev)
+        index = losses.ClassIndex(y)
+
+        groups = [torch.optim.Adam(gen.parameters(), lr=s.lr_generator)]
+        if ftp is not None:
+            groups.append(torch.optim.Adam(ftp.parameters(), lr=s.lr_pyramid))
+        if s.use_scaling:
+            groups.append(torch.optim.Adam(acs.parameters(), lr=s.lr_scaling))
+        step = Stepper(rt, groups)
+        keeper, history = BestKeeper(), []
+        lo, hi = pixel_bounds(self.teacher, dev)
+
+        with frozen(self.model) as model:
+            stats_term = StatsTerm(model, self.targets, dev, s.first_bn_multiplier)
+            stage_taps = StageTaps(model, self.stages) if ftp is not None else None
+            try:
+                for it in range(s.iterations):
+                    with rt.autocast():
+                        g = gen(zy)
+                        if ftp is not None and stage_taps is not None:
+                            feats = stage_taps.capture(model, g.detach())
+                            x = ftp(g, feats)
+                        else:
+                            x = torch.tanh(g)
+                    image = acs(x)
+                    if s.pixel_clamp:
+                        image = straight_through_clamp(image, lo, hi)
+                    view = jitter_flip(image, s.jitter, s.flip, rng)
+                    with rt.autocast():
+                        logits = model(view)
+                    ce_i = F.cross_entropy(logits.float(), y, reduction="none")
+                    parts = {"ce": ce_i.mean(), "bn": stats_term(index), **image_priors(image)}
+                    total = s.lambda_ce * parts["ce"] + s.lambda_bn * parts["bn"] + s.lambda_tv * parts["tv"] + s.lambda_l2 * parts["l2"]
+                    acc = (logits.detach().argmax(1) == y).float().mean()
+                    record({"total": total, **parts, "acc": acc}, it, history, on_step, self.name)
+                    keeper.update(image, total, ce_i, s.lambda_ce)
+                    step(total)
+            finally:
+                stats_term.close()
+                if stage_taps is not None:
+                    stage_taps.remove()
+        assert keeper.images is not None
+        return BatchResult(images01=to_pixels(self.teacher, keeper.images), history=history, best_loss=keeper.best_loss())

@@ -1,0 +1,122 @@
+"""torch.export ``.pt2`` archives -> hookable GraphModules with real BatchNorm layers.
+
+Why not the ONNX route used for TorchScript: the dynamo ONNX exporter's optimiser fuses BatchNorm
+into the convolutions, and ``torch.export.unflatten`` restores the module tree but keeps the calls
+functional (no ``nn.BatchNorm2d`` instances). Rewriting ``ep.module()``'s aten calls into submodules
+(``fx_modules.modularize``) keeps the exact tensors and original layer names and needs no op coverage.
+
+``torch.export.load`` itself unpickles some payloads with ``weights_only=False`` (pickled weights,
+opaque constants, and sample inputs as a fallback), so those members are vetted first.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ...errors import UserError
+from .common import Loaded, corrupted, first_line, metadata_fields
+from .fx_modules import modularize
+from .pickled import pickle_refusal, safe_torch_load
+
+PARITY_ATOL = 1e-4
+_RISKY_PREFIXES = ("opaque",)
+
+
+def _raw_payloads(z: zipfile.ZipFile) -> set[str]:
+    """Member paths that the archive's configs declare as raw (never unpickled) tensor bytes."""
+    raw: set[str] = set()
+    for name in z.namelist():
+        if not name.endswith("_config.json"):
+            continue
+        try:
+            config = json.loads(z.read(name)).get("config", {})
+        except (ValueError, AttributeError):
+            continue
+        folder = name.rsplit("/", 1)[0]
+        for meta in config.values():
+            if isinstance(meta, dict) and meta.get("use_pickle") is False and isinstance(meta.get("path_name"), str):
+                raw.add(f"{folder}/{meta['path_name']}")
+    return raw
+
+
+def vet_archive(path: Path, *, allow_pickle: bool, label: str) -> None:
+    """Refuse a .pt2 whose embedded payloads would be unpickled with arbitrary globals."""
+    if allow_pickle:
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            raw = _raw_payloads(z)
+            for info in z.infolist():
+                if info.filename in raw or info.is_dir():
+                    continue
+                base = info.filename.rsplit("/", 1)[-1]
+                if base.startswith(_RISKY_PREFIXES):
+                    raise pickle_refusal(label)
+                data = z.read(info)
+                if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+                    safe_torch_load(data, allow_pickle=False, label=label, what="a .pt2 archive")
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise corrupted(label, "a .pt2 archive", exc) from None
+
+
+def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() == 4:
+                return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
+    return None
+
+
+def load_pt2(path: Path, *, label: str, allow_pickle: bool) -> Loaded:
+    vet_archive(path, allow_pickle=allow_pickle, label=label)
+    extra: dict[str, str] = {}
+    try:
+        ep = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)
+        original = ep.module()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise corrupted(label, "a torch.export .pt2 archive", exc) from None
+    shape = _example_shape(original)
+    module = modularize(ep.module()).eval()
+    batch = shape[0] if shape and shape[0] > 0 else 2
+    fields: dict = {}
+    if shape and all(s > 0 for s in shape[1:]):
+        fields["input_shape"] = tuple(shape[1:])
+        _check(original, module, (batch, *shape[1:]), label)
+    raw_meta = extra.get("dfcompress.json")
+    if raw_meta:
+        try:
+            fields.update(metadata_fields(json.loads(raw_meta)))
+        except ValueError:
+            pass
+    return Loaded(module=module, format="pt2", extra={"converted_via": "fx"}, **fields)
+
+
+@torch.no_grad()
+def _check(original: torch.nn.Module, module: torch.nn.Module, shape: tuple[int, ...], label: str) -> None:
+    """Same logits as the exported program at its example batch size, and a batch of 3 works too."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(*shape, generator=g)
+    try:
+        ref, got = original(x), module(x)
+    except Exception as exc:
+        raise UserError(f"{label}: the exported program does not run on a {list(shape)} input ({first_line(exc)})") from None
+    diff = float((ref - got).abs().max()) if isinstance(ref, torch.Tensor) and ref.shape == got.shape else float("inf")
+    if not diff < PARITY_ATOL:
+        raise UserError(f"{label}: the hookable rebuild of the exported program differs from it (max |Δlogit| = {diff:.3g}); "
+                        "pass an ONNX export or the original weights with --arch instead")
+    y = torch.randn(3, *shape[1:], generator=g)
+    try:
+        rows = module(y)
+        ok = bool((rows[1:2] - module(y[1:2])).abs().max() < PARITY_ATOL)
+    except Exception:
+        ok = False
+    if not ok:
+        raise UserError(f"{label} was exported with a fixed batch size of {shape[0]}; re-export it with a dynamic batch "
+                        "dimension (torch.export.export(..., dynamic_shapes=...)) so it can score batches")

@@ -1,0 +1,88 @@
+"""Find the input shape a model accepts when the file does not say.
+
+Order (most to least trusted): the --input-shape flag, the file's own metadata, the architecture's
+default size, then probing: channels from the first convolution, spatial size from the first of
+32/224/28/64/8 that gives [N, K] logits. Whatever is assumed is logged, never silent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...progress import log
+from .common import first_conv_in_channels, first_line
+
+PROBE_SIZES = (32, 224, 28, 64, 8)
+
+
+def _runs(forward: Callable[[torch.Tensor], object], shape: tuple[int, int, int]) -> bool:
+    try:
+        with torch.no_grad():
+            out = forward(torch.zeros(2, *shape))
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2
+
+
+def check_channels(module: nn.Module, shape: tuple[int, int, int], label: str) -> None:
+    c = first_conv_in_channels(module)
+    if c is not None and c != shape[0]:
+        raise UserError(f"--input-shape gives {shape[0]} channel(s) but the first convolution of {label} takes {c}; fix --input-shape")
+
+
+def resolve_input_shape(
+    module: nn.Module,
+    *,
+    label: str,
+    flag: tuple[int, int, int] | None = None,
+    metadata: tuple[int, int, int] | None = None,
+    default_size: int | None = None,
+    forward: Callable[[torch.Tensor], object] | None = None,
+) -> tuple[tuple[int, int, int], str]:
+    """(C, H, W) and where it came from: flag | metadata | arch default | probe."""
+    if flag is not None:
+        shape = _validate_flag(flag)
+        check_channels(module, shape, label)
+        return shape, "flag"
+    if metadata is not None:
+        return tuple(int(v) for v in metadata), "metadata"  # type: ignore[return-value]
+    channels = first_conv_in_channels(module)
+    if channels is None:
+        raise UserError(f"cannot tell the input channels of {label} (no convolution found); pass --input-shape C,H,W")
+    if default_size is not None:
+        return (channels, default_size, default_size), "arch default"
+    forward = forward or module
+    for size in PROBE_SIZES:
+        shape = (channels, size, size)
+        if _runs(forward, shape):
+            log(f"{label}: input shape not recorded in the file; assuming {channels}x{size}x{size} (the first probed size "
+                "that runs); pass --input-shape C,H,W if that is wrong")
+            return shape, "probe"
+    raise UserError(f"{label} accepted none of the probed input sizes {list(PROBE_SIZES)} with {channels} channel(s); pass --input-shape C,H,W")
+
+
+def _validate_flag(flag: tuple[int, int, int]) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in flag)
+    except (TypeError, ValueError):
+        raise UserError(f"--input-shape must be three positive integers C,H,W, got {flag!r}") from None
+    if len(shape) != 3 or any(v <= 0 for v in shape):
+        raise UserError(f"--input-shape must be three positive integers C,H,W, got {flag!r}")
+    return shape  # type: ignore[return-value]
+
+
+def probe_forward(forward: Callable[[torch.Tensor], object], shape: tuple[int, int, int], label: str) -> torch.Tensor:
+    """Seeded random batch through the model; raises UserError with the reason if it does not run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *shape, generator=g)
+    try:
+        with torch.no_grad():
+            return forward(x)  # type: ignore[return-value]
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"a test forward pass of {label} on a {list(x.shape)} input failed ({type(exc).__name__}: {first_line(exc)}); "
+                        "pass --input-shape C,H,W if the model expects another size") from None

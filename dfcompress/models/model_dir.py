@@ -1,0 +1,121 @@
+"""Model output folders: the weights/exports a command produced plus the ``dfcompress.json`` descriptor.
+
+The descriptor is what lets the next command take the folder as its MODEL (``distill -o s`` then
+``quantize s``), so it carries the preprocessing and classes along with the file names. It is written
+last, after every file it names passed its parity check: its presence means the folder is complete.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import UserError
+from ..fileio import atomic_write_bytes, atomic_write_json
+
+DESCRIPTOR = "dfcompress.json"
+FILE_NAMES = {
+    "state_dict": "model.safetensors",
+    "pt2": "model.pt2",
+    "onnx": "model.onnx",
+    "torchscript": "model.torchscript.pt",
+}
+
+
+def state_dict_bytes(module: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of a module's state_dict (CPU, contiguous, unshared copies)."""
+    from safetensors.torch import save
+
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in inner.state_dict().items()}
+    return save(tensors, metadata=metadata)
+
+
+def _random_check_images(teacher: Any, n: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((n, *teacher.input_shape), generator=g)
+
+
+def save_model_dir(out_dir: str | Path, module: nn.Module, teacher: Any, created_by: str, arch: str | None,
+                   files_to_write: Iterable[str] = ("state_dict", "onnx"), check_images: torch.Tensor | None = None,
+                   *, opset: int = 17, atol: float = 1e-3, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``module`` in each of ``files_to_write`` into ``out_dir`` and then ``dfcompress.json``.
+
+    ``teacher`` supplies input shape, classes and preprocessing (the student inherits them) and its
+    sha256. ``check_images`` (normalised float NCHW) drive the export parity checks; without them a
+    fixed random batch is used. Returns the descriptor dict (with per-export parity under ``exports``).
+    """
+    from ..export import export_model, model_metadata
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = list(dict.fromkeys(files_to_write))
+    unknown = [k for k in kinds if k not in FILE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown model file kind(s) {unknown}; known: {sorted(FILE_NAMES)}")
+    if "state_dict" in kinds and not arch:
+        raise ValueError("a state_dict is only loadable with its architecture name: pass arch or write pt2/onnx")
+    # an interrupted re-run must not leave an old descriptor pointing at half-replaced files
+    (out / DESCRIPTOR).unlink(missing_ok=True)
+    meta = model_metadata(teacher)
+    files: dict[str, str] = {}
+    exports: dict[str, Any] = {}
+    for kind in kinds:
+        name = FILE_NAMES[kind]
+        if kind == "state_dict":
+            st_meta = {"arch": str(arch), "dfcompress": json.dumps(meta)}
+            atomic_write_bytes(out / name, state_dict_bytes(module, st_meta))
+        else:
+            images = check_images if check_images is not None else _random_check_images(teacher)
+            result = export_model(module, teacher, kind, out / name, images, opset=opset, atol=atol)
+            result["path"] = name
+            exports[kind] = result
+        files[kind] = name
+    return write_descriptor(out, teacher, created_by, files, arch=arch, exports=exports, extra=extra)
+
+
+def write_descriptor(out_dir: str | Path, teacher: Any, created_by: str, files: dict[str, str], *, arch: str | None = None,
+                     exports: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``dfcompress.json`` for files already in ``out_dir`` (call it last); returns the dict."""
+    from ..export import model_metadata
+
+    meta = model_metadata(teacher)
+    descriptor: dict[str, Any] = {
+        "kind": "model",
+        "files": dict(files),
+        "arch": arch,
+        "input_shape": meta["input_shape"],
+        "num_classes": meta["num_classes"],
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "class_names": meta["class_names"],
+        "teacher_sha256": getattr(teacher, "sha256", None),
+        "created_by": created_by,
+        "exports": exports or {},
+        "dfcompress_version": __version__,
+    }
+    descriptor.update(extra or {})
+    atomic_write_json(Path(out_dir) / DESCRIPTOR, descriptor)
+    return descriptor
+
+
+def read_model_dir(path: str | Path) -> dict[str, Any]:
+    """The descriptor of a finished model folder, with every named file checked to exist."""
+    d = Path(path)
+    desc_path = d / DESCRIPTOR
+    if not desc_path.is_file():
+        raise UserError(f"{d} has no {DESCRIPTOR}: it is not a finished dfcompress model folder; re-run the command that makes it")
+    try:
+        desc = json.loads(desc_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {desc_path}: {exc}; re-run the command that made {d}") from None
+    if not isinstance(desc, dict) or desc.get("kind") != "model" or not isinstance(desc.get("files"), dict):
+        raise UserError(f"{desc_path} is not a dfcompress model descriptor (expected kind 'model' and 'files')")
+    for kind, name in desc["files"].items():
+        if not (d / name).is_file():
+            raise UserError(f"{d} is incomplete: its {kind} file {name} is missing; re-run the command that made it")
+    return desc

@@ -1,0 +1,48 @@
+"""The op-handler table: ONNX op type → function that emits the equivalent torch code.
+
+A handler receives the builder, a :class:`NodeInfo` and the node's input values (``None`` for
+omitted optional inputs) and returns one value per ONNX output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .builder import GraphBuilder, sanitize
+
+Handler = Callable[[GraphBuilder, "NodeInfo", list[Any]], list[Any]]
+
+HANDLERS: dict[str, Handler] = {}
+
+
+@dataclass
+class NodeInfo:
+    """What a handler needs to know about one ONNX node besides its input values."""
+
+    op_type: str
+    name: str
+    index: int
+    attrs: dict[str, Any]
+    opset: int
+    outputs: list[str]
+    input_ranks: list[int | None] = field(default_factory=list)
+
+    @property
+    def module_name(self) -> str:
+        """Submodule name: the sanitised ONNX node name, else ``<OpType>_<index>``."""
+        return sanitize(self.name) or f"{self.op_type}_{self.index}"
+
+    def rank(self, i: int = 0, default: int | None = None) -> int | None:
+        r = self.input_ranks[i] if i < len(self.input_ranks) else None
+        return r if r is not None else default
+
+    def label(self) -> str:
+        return f"ONNX node '{self.name or self.index}' ({self.op_type})"
+
+
+def register(*op_types: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        for op in op_types:
+            HANDLERS[op] = fn
+        return fn
+    return deco

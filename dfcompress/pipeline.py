@@ -1,0 +1,93 @@
+"""Glue between stages that several commands share: where real evaluation data comes from, getting a
+synthetic set (given or freshly synthesized), and the quality gate. Kept out of ``cli.py`` so the
+Python API and the CLI run the same steps."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .device import Runtime
+from .errors import UserError
+from .models.teacher import Teacher
+from .progress import log
+from .settings import Settings
+
+
+def real_eval_data(teacher: Teacher, data: Optional[str], limit: Optional[int] = None):
+    """``--eval-data`` if given, else the real held-out split that ships with the teacher (embedded one)."""
+    from .data.real import load_images
+
+    source = data or teacher.extra.get("real_test_data")
+    if not source:
+        return None
+    return load_images(source, teacher.input_shape, num_classes=teacher.num_classes, limit=limit)
+
+
+def load_stats(teacher: Teacher, stats_path: Optional[str]):
+    if not stats_path:
+        return None
+    from .stats.store import FeatureStats
+
+    stats = FeatureStats.load(stats_path)
+    stats.check_matches(teacher)
+    return stats
+
+
+def check_teacher_has_statistics(teacher: Teacher, stats) -> None:
+    """A BN-fused teacher can only be inverted with collected class-conditional statistics."""
+    from .models.taps import batchnorm_layers
+
+    if stats is None and not batchnorm_layers(teacher.module):
+        raise UserError(
+            f"{teacher.source} has no BatchNorm statistics (BN folded); collect class-conditional statistics with "
+            "`dfcompress stats MODEL --seeds DIR -o stats.safetensors` and pass --stats stats.safetensors"
+        )
+
+
+def synthetic_set(teacher: Teacher, settings: Settings, runtime: Runtime, *, data: Optional[str],
+                  out_dir: Path, stats_path: Optional[str] = None, rank: int = 0, world_size: int = 1,
+                  barrier=None) -> Path:
+    """Return the folder of a complete synthetic set for this teacher: ``data`` if given (checked),
+    else synthesize one into ``out_dir`` (resuming a partial one)."""
+    from .data.synthetic import SyntheticSet
+
+    if data:
+        synth = SyntheticSet(data)
+        recorded = synth.manifest.get("teacher", {})
+        if list(recorded.get("input_shape", teacher.input_shape)) != list(teacher.input_shape) or \
+                recorded.get("num_classes", teacher.num_classes) != teacher.num_classes:
+            raise UserError(f"synthetic set {data} was made for a {recorded.get('input_shape')} / {recorded.get('num_classes')}-class "
+                            f"teacher, but this teacher takes {list(teacher.input_shape)} / {teacher.num_classes} classes")
+        if recorded.get("sha256") and recorded.get("sha256") != teacher.sha256:
+            log(f"note: synthetic set {data} was made from another teacher file (sha256 {recorded['sha256'][:12]}…)")
+        return Path(data)
+    stats = load_stats(teacher, stats_path or settings.synthesize.stats)
+    check_teacher_has_statistics(teacher, stats)
+    log(f"synthesizing {settings.synthesize.num_images} images with {settings.synthesize.method} into {out_dir}")
+    run_synthesis(teacher, settings, out_dir, runtime, stats, rank=rank, world_size=world_size, barrier=barrier)
+    return out_dir
+
+
+def run_synthesis(teacher: Teacher, settings: Settings, out_dir: Path, runtime: Runtime, stats, *, rank: int = 0,
+                  world_size: int = 1, barrier=None) -> dict:
+    """Synthesize on this rank's shards; with several ranks, rank 0 writes the manifest once all exist."""
+    from .inversion.runner import finalize, synthesize
+
+    result = synthesize(teacher, settings, out_dir, runtime, stats=stats, rank=rank, world_size=world_size)
+    if world_size == 1:
+        return result
+    if barrier is not None:
+        barrier()
+    manifest = finalize(teacher, settings, out_dir, stats=stats) if rank == 0 else {}
+    if barrier is not None:
+        barrier()
+    return manifest
+
+
+def quality_drop(metrics_before: dict[str, Any], metrics_after: dict[str, Any]) -> tuple[str, float, float] | None:
+    """(what, before, after) in percentage points: real top-1 when both have it, else teacher agreement."""
+    if metrics_before.get("top1") is not None and metrics_after.get("top1") is not None:
+        return "accuracy", float(metrics_before["top1"]), float(metrics_after["top1"])
+    if metrics_after.get("agreement") is not None:
+        return "teacher agreement", 100.0, float(metrics_after["agreement"])
+    return None
