@@ -15,9 +15,10 @@ from typing_extensions import Annotated
 
 from . import __version__
 from .cli_common import (AllowPickleOpt, ArchOpt, DeviceOpt, DryRunOpt, InputSizeOpt, JsonOpt, MaxDropOpt, MeanOpt,
-                         ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, Timer, command,
-                         default_output, emit_json, load_model, resolve)
+                         ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, Timer, before_after,
+                         command, default_output, emit_json, load_model, owned_by, resolve, vet_model_file)
 from .errors import GateFailed, UserError
+from .pipeline import before_after
 from .progress import log
 
 app = typer.Typer(
@@ -87,6 +88,14 @@ def _finish(command_name: str, out_dir: Optional[Path], report_path: Optional[Pa
                           outputs=outputs, status=status)
     write_report(report, out_dir / "report.json" if out_dir else None, report_path)
     return report
+
+
+def _check_max_drop(max_drop: Optional[float]) -> None:
+    """Refuse a meaningless gate before any work starts (the gate itself runs only at the end)."""
+    import math
+
+    if max_drop is not None and (math.isnan(max_drop) or max_drop < 0):
+        raise UserError(f"--max-drop must be a non-negative number of percentage points (e.g. --max-drop 2), got {max_drop}")
 
 
 def _gate(max_drop: Optional[float], before: dict, after: dict) -> None:
@@ -235,7 +244,7 @@ def synthesize(
     Re-running the same command after a crash skips the finished shards.
     """
     from .distributed import distributed_context
-    from .fileio import prepare_output_dir
+    from .fileio import prepare_output_dir, remove_if_failed, remove_stale_temps
     from .pipeline import check_teacher_has_statistics, load_stats, run_synthesis
 
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
@@ -244,20 +253,22 @@ def synthesize(
     _check_batch(settings.synthesize.batch_size, settings.synthesize.num_images)
     timer = Timer()
     with distributed_context(settings.device) as dist:
-        out = output or default_output("synth")
-        if dist.is_main:
-            prepare_output_dir(out, overwrite=overwrite, resumable=True)
-        dist.barrier()
-        runtime = dist.runtime(settings)
-        with timer.section("load"):
-            teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
-        stats = load_stats(teacher, settings.synthesize.stats)
-        check_teacher_has_statistics(teacher, stats)
-        with timer.section("synthesize"):
-            manifest = run_synthesis(teacher, settings, out, runtime, stats, rank=dist.rank, world_size=dist.world_size,
-                                     barrier=dist.barrier)
+        out = dist.broadcast(output or default_output("synth"))  # one folder for all ranks (the default holds the time)
+        with remove_if_failed(out, enabled=dist.is_main):
+            if dist.is_main:  # once, before any rank writes; a torchrun restart resumes rather than re-applying --overwrite
+                prepare_output_dir(out, overwrite=overwrite and not dist.restarted, resumable=owned_by("synthesize"))
+            dist.barrier()
+            runtime = dist.runtime(settings)
+            with timer.section("load"):
+                teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
+            stats = load_stats(teacher, settings.synthesize.stats)
+            check_teacher_has_statistics(teacher, stats)
+            with timer.section("synthesize"):
+                manifest = run_synthesis(teacher, settings, out, runtime, stats, rank=dist.rank, world_size=dist.world_size,
+                                         barrier=dist.barrier)
         if not dist.is_main:
             return
+        remove_stale_temps(out)
         metrics = {"num_images": manifest["num_images"], "counts_per_class": manifest["counts_per_class"],
                    "retries": sum(int(s.get("retries", 0)) for s in manifest["shards"]),
                    "teacher_top1_on_targets": manifest.get("teacher_top1_on_targets")}
@@ -335,28 +346,31 @@ def prune(
 def _compress_command(name: str, model, data, output, eval_data, max_drop, settings, report, overwrite, load_args, run) -> None:
     """Shared body of distill/prune: load, get a synthetic set, run, gate, report (rank 0 only)."""
     from .distributed import distributed_context
-    from .fileio import prepare_output_dir
+    from .fileio import prepare_output_dir, remove_if_failed, remove_stale_temps
     from .pipeline import real_eval_data, synthetic_set
 
+    _check_max_drop(max_drop)
     timer = Timer()
     with distributed_context(settings.device) as dist:
-        out = output or default_output(name)
-        if dist.is_main:
-            prepare_output_dir(out, overwrite=overwrite, resumable=True)
-        dist.barrier()
-        runtime = dist.runtime(settings)
-        with timer.section("load"):
-            teacher = load_model(model, *load_args, settings=settings)
-            real = real_eval_data(teacher, eval_data)
-        with timer.section("synthesize"):
-            synth = synthetic_set(teacher, settings, runtime, data=data, out_dir=out / "synthetic",
-                                  stats_path=settings.synthesize.stats, rank=dist.rank, world_size=dist.world_size,
-                                  barrier=dist.barrier)
-        with timer.section(name):
-            metrics = run(teacher, synth, out, runtime, real)
+        out = dist.broadcast(output or default_output(name))  # one folder for all ranks (the default holds the time)
+        with remove_if_failed(out, enabled=dist.is_main):
+            if dist.is_main:  # once, before any rank writes; a torchrun restart resumes rather than re-applying --overwrite
+                prepare_output_dir(out, overwrite=overwrite and not dist.restarted, resumable=owned_by(name))
+            dist.barrier()
+            runtime = dist.runtime(settings)
+            with timer.section("load"):
+                teacher = load_model(model, *load_args, settings=settings)
+                real = real_eval_data(teacher, eval_data)
+            with timer.section("synthesize"):
+                synth = synthetic_set(teacher, settings, runtime, data=data, out_dir=out / "synthetic",
+                                      stats_path=settings.synthesize.stats, rank=dist.rank, world_size=dist.world_size,
+                                      barrier=dist.barrier)
+            with timer.section(name):
+                metrics = run(teacher, synth, out, runtime, real)
         if not dist.is_main:
             return
-        before, after = metrics.get("before", {}), metrics.get("after", {})
+        remove_stale_temps(out)
+        before, after = before_after(name, metrics)
         status = "ok"
         try:
             _gate(max_drop, before, after)
@@ -365,7 +379,8 @@ def _compress_command(name: str, model, data, output, eval_data, max_drop, setti
             raise
         finally:
             _finish(name, out, report, inputs={"model": model, "data": str(synth), "eval_data": eval_data or (real.source if real else None)},
-                    settings=settings, metrics=metrics, timer=timer, outputs={"model_dir": str(out)}, status=status)
+                    settings=settings, metrics={"before": before, "after": after, **metrics}, timer=timer,
+                    outputs={"model_dir": str(out)}, status=status)
             _print_summary(name, out, before, after)
 
 
@@ -400,31 +415,33 @@ def quantize(
     """INT8 post-training quantization with onnxruntime (static, QDQ, per-channel), calibrated on synthetic images."""
     from .compress.quantize import quantize as run_quantize
     from .export import export_model
-    from .fileio import prepare_output_dir
+    from .fileio import prepare_output_dir, remove_if_failed
     from .pipeline import real_eval_data, synthetic_set
 
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
                                  "quantize.calibration_images": calibration_images}, dry_run, save_config)
+    _check_max_drop(max_drop)
     timer = Timer()
     out = output or default_output("quantize")
-    prepare_output_dir(out, overwrite=overwrite, resumable=False)
-    runtime = _runtime(settings)
-    with timer.section("load"):
-        teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
-        real = real_eval_data(teacher, eval_data)
-    with timer.section("synthesize"):
-        synth = synthetic_set(teacher, settings, runtime, data=data, out_dir=out / "synthetic")
-    onnx_source = _onnx_of(model)
-    if onnx_source is None:
-        import torch
+    with remove_if_failed(out, keep=()):
+        prepare_output_dir(out, overwrite=overwrite, resumable=False)
+        runtime = _runtime(settings)
+        with timer.section("load"):
+            teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
+            real = real_eval_data(teacher, eval_data)
+        with timer.section("synthesize"):
+            synth = synthetic_set(teacher, settings, runtime, data=data, out_dir=out / "synthetic")
+        onnx_source = _onnx_of(model)
+        if onnx_source is None:
+            import torch
 
-        with timer.section("export"):
-            onnx_source = out / "fp32.onnx"
-            check = teacher.normalize(torch.rand((8, *teacher.input_shape), generator=torch.Generator().manual_seed(0)))
-            export_model(teacher.module, teacher, "onnx", onnx_source, check, opset=settings.export.opset)
-    with timer.section("quantize"):
-        metrics = run_quantize(onnx_source, synth, settings, out, eval_data=real, reference=teacher)
-    before, after = metrics.get("before", {}), metrics.get("after", {})
+            with timer.section("export"):
+                onnx_source = out / "fp32.onnx"
+                check = teacher.normalize(torch.rand((8, *teacher.input_shape), generator=torch.Generator().manual_seed(0)))
+                export_model(teacher.module, teacher, "onnx", onnx_source, check, opset=settings.export.opset)
+        with timer.section("quantize"):
+            metrics = run_quantize(onnx_source, synth, settings, out, eval_data=real, reference=teacher)
+    before, after = before_after("quantize", metrics)
     status = "ok"
     try:
         _gate(max_drop, before, after)
@@ -432,7 +449,8 @@ def quantize(
         status = "gate-failed"
         raise
     finally:
-        _finish("quantize", out, report, inputs={"model": model, "data": str(synth)}, settings=settings, metrics=metrics,
+        _finish("quantize", out, report, inputs={"model": model, "data": str(synth)}, settings=settings,
+                metrics={"before": before, "after": after, **metrics},
                 timer=timer, outputs={"model_dir": str(out)}, status=status)
         _print_summary("quantize", out, before, after)
 
@@ -527,6 +545,7 @@ def eval_(
     teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
     reference = None
     if against:
+        vet_model_file(None if against == "embedded" else against, allow_pickle)
         reference = load_teacher(None if against == "embedded" else against, allow_pickle=allow_pickle)
         if tuple(reference.input_shape) != tuple(teacher.input_shape) or reference.num_classes != teacher.num_classes:
             raise UserError(f"--against model takes {list(reference.input_shape)}/{reference.num_classes} classes but MODEL takes "
@@ -567,8 +586,11 @@ def demo(
     from .demo import run_demo
 
     settings = resolve(profile or "digits", _common_overrides(seed, device), dry_run, save_config)
+    from .fileio import remove_if_failed
+
     out = output or default_output("demo")
-    result = run_demo(settings, out, overwrite=overwrite)
+    with remove_if_failed(out):
+        result = run_demo(settings, out, overwrite=overwrite)
     typer.echo(result["table"])
     if report:
         from .fileio import atomic_write_json

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import math
 import os
 import sys
 import time
@@ -94,6 +95,8 @@ def parse_floats(text: Optional[str], flag: str) -> Optional[list[float]]:
         raise UserError(f"{flag} takes comma-separated numbers such as 0.485,0.456,0.406; got {text!r}") from None
     if not values:
         raise UserError(f"{flag} needs at least one number")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag} takes finite numbers such as 0.485,0.456,0.406; got {text!r}")
     return values
 
 
@@ -137,7 +140,182 @@ def load_model(model: Optional[str], arch: Optional[str], allow_pickle: bool, me
 
     mean_v = parse_floats(mean, "--mean") or (settings.preprocess.mean if settings else None)
     std_v = parse_floats(std, "--std") or (settings.preprocess.std if settings else None)
-    return load_teacher(model, arch=arch, allow_pickle=allow_pickle, mean=mean_v, std=std_v, input_shape=parse_shape(input_shape))
+    shape = parse_shape(input_shape)
+    vet_model_file(model, allow_pickle)
+    teacher = load_teacher(model, arch=arch, allow_pickle=allow_pickle, mean=mean_v, std=std_v, input_shape=shape)
+    if model is None:
+        teacher = _embedded_with(teacher, mean_v, std_v, shape)
+    return teacher
+
+
+def vet_model_file(model: Optional[str], allow_pickle: bool) -> None:
+    """Defence in depth before any reader runs: a ``.pt2`` archive must not carry a pickle that names
+    arbitrary Python callables in a member that ``torch.export.load`` would unpickle.
+
+    The readers vet archives too; this static check (``pickletools`` only, nothing is executed) also
+    covers protocol 0/1 pickles, which do not start with the 0x80 marker, and members that an
+    archive's own config declares as pickled. A model folder's listed files are vetted the same way.
+    """
+    if model is None or allow_pickle:
+        return
+    path = Path(model).expanduser()
+    candidates: list[Path] = []
+    if path.is_dir():
+        desc = _read_json(path / "dfcompress.json")
+        files = desc.get("files") if isinstance(desc, dict) else None
+        if isinstance(files, dict):
+            candidates = [path / name for name in files.values() if isinstance(name, str) and (path / name).is_file()]
+    elif path.is_file():
+        candidates = [path]
+    for candidate in candidates:
+        _vet_pt2(candidate)
+
+
+def _vet_pt2(path: Path) -> None:
+    import zipfile
+
+    from .models.formats.detect import PT2, zip_kind
+    from .models.formats.pickled import pickle_refusal, unsafe_globals
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return
+        with zipfile.ZipFile(path) as z:
+            if zip_kind(z.namelist()) != PT2:
+                return
+            raw = _pt2_raw_members(z)
+            for info in z.infolist():
+                if info.is_dir() or info.filename in raw or info.filename.endswith(".json"):
+                    continue
+                data = z.read(info)
+                streams = data
+                if data[:4] == b"PK\x03\x04":  # a nested torch.save archive: its pickles
+                    import io
+
+                    try:
+                        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                            streams = b"".join(inner.read(n) for n in inner.namelist() if n.endswith(".pkl"))
+                    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+                        continue  # damage is for the reader to report
+                if unsafe_globals(streams):
+                    raise pickle_refusal(str(path))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not readable as an archive: the format readers report that in their own words
+
+
+def _pt2_raw_members(z) -> set[str]:
+    """Members that the archive's ``*_config.json`` files declare as raw tensor bytes (never unpickled)."""
+    raw: set[str] = set()
+    for name in z.namelist():
+        if not name.endswith("_config.json"):
+            continue
+        try:
+            config = __import__("json").loads(z.read(name)).get("config", {})
+        except (ValueError, AttributeError):
+            continue
+        folder = name.rsplit("/", 1)[0]
+        for meta in config.values() if isinstance(config, dict) else ():
+            if isinstance(meta, dict) and meta.get("use_pickle") is False and isinstance(meta.get("path_name"), str):
+                raw.add(f"{folder}/{meta['path_name']}")
+    return raw
+
+
+def _embedded_with(teacher, mean: Optional[list[float]], std: Optional[list[float]], shape):
+    """The embedded teacher ignores nothing silently: --input-shape must match it, --mean/--std replace its own."""
+    import dataclasses
+
+    from .models.teacher import check_preprocessing
+
+    if shape is not None and tuple(shape) != tuple(teacher.input_shape):
+        c, h, w = teacher.input_shape
+        raise UserError(f"--input-shape {'x'.join(map(str, shape))} does not match the embedded digits teacher ({c}x{h}x{w}); "
+                        "drop --input-shape or pass a MODEL file")
+    if mean is None and std is None:
+        return teacher
+    new_mean = tuple(mean) if mean is not None else tuple(teacher.mean)
+    new_std = tuple(std) if std is not None else tuple(teacher.std)
+    check_preprocessing(new_mean, new_std, teacher.input_shape[0])
+    return dataclasses.replace(teacher, mean=new_mean, std=new_std)
+
+
+def before_after(command: str, metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (before, after) figures of a compression stage, for the --max-drop gate and the summary.
+
+    Stages report flat metrics (``teacher_top1``/``top1``, ``params_before``/``params_after``...); this maps
+    them to one shape. Teacher agreement falls back to the held-out synthetic images when no real data was
+    given, which is what --max-drop gates on then.
+    """
+    if isinstance(metrics.get("before"), dict) or isinstance(metrics.get("after"), dict):
+        return dict(metrics.get("before") or {}), dict(metrics.get("after") or {})
+    agreement = metrics.get("agreement")
+    if agreement is None:
+        agreement = metrics.get("holdout_agreement")
+    if command == "distill":
+        before = {"top1": metrics.get("teacher_top1"), "params": metrics.get("teacher_params"), "macs": metrics.get("teacher_macs")}
+        after = {"top1": metrics.get("top1"), "agreement": agreement, "params": metrics.get("student_params"),
+                 "macs": metrics.get("student_macs")}
+    elif command == "prune":
+        before = {"top1": metrics.get("teacher_top1"), "params": metrics.get("params_before"), "macs": metrics.get("macs_before")}
+        after = {"top1": metrics.get("top1"), "agreement": agreement, "params": metrics.get("params_after"),
+                 "macs": metrics.get("macs_after")}
+    elif command == "quantize":
+        before = {"top1": metrics.get("top1_before"), "bytes": metrics.get("bytes_before")}
+        after = {"top1": metrics.get("top1_after"), "agreement": metrics.get("agreement"), "bytes": metrics.get("bytes_after")}
+    else:
+        return {}, {}
+    return ({k: v for k, v in before.items() if v is not None}, {k: v for k, v in after.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------
+# which output folders a resumable command may re-enter
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _format_of(path: Path) -> str:
+    obj = _read_json(path)
+    return str(obj.get("format", "")) if isinstance(obj, dict) else ""
+
+
+def _report_command(folder: Path) -> Optional[str]:
+    obj = _read_json(folder / "report.json")
+    return obj.get("command") if isinstance(obj, dict) else None
+
+
+def owned_by(command_name: str) -> Callable[[Path], bool]:
+    """A predicate recognising a (partial) output folder of ``command_name``, which re-running resumes.
+
+    synthesize: its ``run.json`` or ``manifest.json``; distill/prune: their KD checkpoint, their
+    ``dfcompress.json`` or their own ``synthetic/`` sub-folder; demo: any of its stage sub-folders.
+    Anything else in a non-empty folder is refused unless --overwrite.
+    """
+    def owned(folder: Path) -> bool:
+        folder = Path(folder)
+        if _report_command(folder) == command_name:
+            return True
+        if command_name == "synthesize":
+            return _format_of(folder / "run.json").startswith("dfcompress-synthesize-run/") or \
+                _format_of(folder / "manifest.json").startswith("dfcompress-synthetic/")
+        if command_name in ("distill", "prune"):
+            desc = _read_json(folder / "dfcompress.json")
+            made_by = {_report_command(folder), desc.get("created_by") if isinstance(desc, dict) else None} - {None}
+            if made_by:  # a finished (or gate-failed) run says which command wrote it
+                return made_by == {command_name}
+            return (folder / "checkpoint" / "kd-checkpoint.pt").is_file() or owned_by("synthesize")(folder / "synthetic")
+        if command_name == "demo":
+            return (folder / "summary.txt").is_file() or owned_by("synthesize")(folder / "synthetic") or \
+                owned_by("distill")(folder / "student") or owned_by("prune")(folder / "pruned")
+        return False
+
+    return owned
 
 
 class Timer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cli_common import Timer
+from .cli_common import Timer, owned_by
 from .device import resolve_runtime
 from .fileio import atomic_write_text, prepare_output_dir
 from .progress import log
@@ -20,7 +20,7 @@ def _row(name: str, m: dict[str, Any]) -> dict[str, Any]:
     lat = m.get("latency") or {}
     b1 = (lat.get("batch_1") or {}).get("p50_ms") if isinstance(lat, dict) else None
     return {"model": name, "top1": m.get("top1"), "agreement": m.get("agreement"), "params": m.get("params"),
-            "macs": m.get("macs"), "bytes": m.get("bytes"), "latency_b1_p50_ms": b1}
+            "macs": m.get("macs"), "bytes": m.get("onnx_bytes") or m.get("bytes"), "latency_b1_p50_ms": b1}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -45,7 +45,7 @@ def run_demo(settings: Settings, out: Path, overwrite: bool = False) -> dict[str
     from .report import build_report, write_report
 
     timer = Timer()
-    out = prepare_output_dir(out, overwrite=overwrite, resumable=True)
+    out = prepare_output_dir(out, overwrite=overwrite, resumable=owned_by("demo"))
     runtime = resolve_runtime(settings.device, amp=settings.amp)
     teacher = load_teacher(None)
     real = real_eval_data(teacher, None)

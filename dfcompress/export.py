@@ -209,7 +209,9 @@ def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
         if p.suffix == ".pt2":
             torch.export.load(str(p), extra_files=extra)
         else:
-            torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
         return json.loads(extra[META_KEY]) if extra[META_KEY] else None
     except (OSError, ValueError, RuntimeError):
         return None

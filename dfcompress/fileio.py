@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,7 +34,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` (itself excluded) when it is not a folder, else None."""
+    for parent in Path(path).parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def _disk_error(path: Path, exc: OSError) -> UserError:
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_ancestor(path)
+        if blocker is not None:
+            return UserError(f"cannot write {path}: {blocker} is a file, not a folder; choose another output path with -o")
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return UserError(f"no space left while writing {path}: free disk space (finished files are kept) and re-run the same command to resume")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -118,17 +131,34 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool, resumable: bool = False) -> Path:
+def _holds_content(folder: Path, ignore: tuple[str, ...] = ()) -> bool:
+    """True when ``folder`` (recursively) holds a file that is not hidden (temp files, probes) nor in ``ignore``."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.startswith(".") and name not in ignore:
+                return True
+    return False
+
+
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool,
+                       resumable: bool | Callable[[Path], bool] = False) -> Path:
     """Create an output folder, refusing to clobber a foreign or finished one.
 
     ``resumable`` commands (synthesize, distill) may re-enter a folder they started: that is how a
-    crashed run continues. Anything else that is non-empty needs ``--overwrite``.
+    crashed run continues. Pass a predicate ``resumable(folder) -> bool`` that recognises the command's
+    own (partial) output, so a folder holding anything else is refused; ``True`` accepts any folder.
+    Anything else that is non-empty needs ``--overwrite``. A folder holding only hidden files (temp
+    files of a run killed before it finished its first file) counts as empty.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is a file; pass a folder path to -o")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resumable):
-        raise UserError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another -o")
+    if out.is_dir() and not overwrite and _holds_content(out):
+        if not resumable:
+            raise UserError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another -o")
+        if callable(resumable) and not resumable(out):
+            raise UserError(f"output folder {out} is not empty and holds files this command did not write; "
+                            "pass --overwrite to replace it or choose another -o")
     if overwrite and out.is_dir():
         import shutil
 
@@ -141,3 +171,58 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool, resumable: b
     except OSError as exc:
         raise _disk_error(out, exc) from None
     return out
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost ancestor-or-self of ``path`` that does not exist yet (what mkdir -p would create)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+@contextlib.contextmanager
+def remove_if_failed(path: str | os.PathLike, *, enabled: bool = True, keep: tuple[str, ...] = ("run.json",)) -> Iterator[Path]:
+    """Wrap a command that creates the output folder ``path``: if the command fails before anything
+    worth keeping is written there, remove the folders this invocation created, so bad input never
+    leaves a half-made output behind. Finished files (shards, checkpoints: anything but hidden temp
+    files and ``keep``) are kept, because re-running the same command resumes from them."""
+    out = Path(path)
+    created = _first_missing(out) if enabled else None
+    try:
+        yield out
+    except BaseException:
+        if created is not None and out.is_dir() and not _holds_content(out, keep):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            for parent in [out, *out.parents]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only empty folders go; stops at the first one holding something
+                if parent == created:
+                    break
+        raise
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+")
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete temp files that ``atomic_path`` left behind when a process was killed mid-write.
+
+    Call only when no writer is active in ``folder`` (after a command finished). Returns how many went.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    walker = os.walk(root) if recursive else [(str(root), [], [p.name for p in root.iterdir() if p.is_file()])]
+    for base, _dirs, files in walker:
+        for name in files:
+            if _TEMP_NAME.match(name):
+                with contextlib.suppress(OSError):
+                    (Path(base) / name).unlink()
+                    removed += 1
+    return removed

@@ -63,7 +63,9 @@ def synthetic_set(teacher: Teacher, settings: Settings, runtime: Runtime, *, dat
         return Path(data)
     stats = load_stats(teacher, stats_path or settings.synthesize.stats)
     check_teacher_has_statistics(teacher, stats)
-    log(f"synthesizing {settings.synthesize.num_images} images with {settings.synthesize.method} into {out_dir}")
+    if rank == 0:
+        log(f"synthesizing {settings.synthesize.num_images} images with {settings.synthesize.method} into {out_dir}"
+            + (f" on {world_size} ranks" if world_size > 1 else ""))
     run_synthesis(teacher, settings, out_dir, runtime, stats, rank=rank, world_size=world_size, barrier=barrier)
     return out_dir
 
@@ -91,3 +93,26 @@ def quality_drop(metrics_before: dict[str, Any], metrics_after: dict[str, Any]) 
     if metrics_after.get("agreement") is not None:
         return "teacher agreement", 100.0, float(metrics_after["agreement"])
     return None
+
+
+def before_after(stage: str, metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Put each stage's metrics into one before -> after shape for the gate, the summary and reports.
+
+    ``agreement`` falls back to the held-out synthetic images when no real data was given, so
+    ``--max-drop`` always has something honest to gate on.
+    """
+    agree = metrics.get("agreement") if metrics.get("agreement") is not None else metrics.get("holdout_agreement")
+    if stage == "distill":
+        before = {"top1": metrics.get("teacher_top1"), "params": metrics.get("teacher_params"), "macs": metrics.get("teacher_macs")}
+        after = {"top1": metrics.get("top1"), "agreement": agree, "params": metrics.get("student_params"),
+                 "macs": metrics.get("student_macs")}
+    elif stage == "prune":
+        before = {"top1": metrics.get("teacher_top1"), "params": metrics.get("params_before"), "macs": metrics.get("macs_before")}
+        after = {"top1": metrics.get("top1"), "agreement": agree, "params": metrics.get("params_after"),
+                 "macs": metrics.get("macs_after")}
+    elif stage == "quantize":
+        before = {"top1": metrics.get("top1_before"), "bytes": metrics.get("bytes_before")}
+        after = {"top1": metrics.get("top1_after"), "agreement": agree, "bytes": metrics.get("bytes_after")}
+    else:
+        raise ValueError(stage)
+    return before, after

@@ -1,6 +1,7 @@
 """Progress bars on stderr, only when stderr is a terminal (CI logs and pipes stay clean)."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -21,7 +22,7 @@ class _Silent:
 def progress(enabled: bool | None = None) -> Iterator[object]:
     """Yield an object with rich.Progress's ``add_task``/``update``/``advance``."""
     if enabled is None:
-        enabled = sys.stderr.isatty()
+        enabled = sys.stderr.isatty() and _rank() == 0  # under torchrun one bar (rank 0), not one per rank
     if not enabled:
         yield _Silent()
         return
@@ -37,5 +38,15 @@ def progress(enabled: bool | None = None) -> Iterator[object]:
 
 
 def log(message: str) -> None:
-    """Human-readable status line on stderr (stdout is for machine-readable output)."""
-    print(message, file=sys.stderr, flush=True)
+    """Human-readable status line on stderr (stdout is for machine-readable output); under torchrun
+    lines from ranks other than 0 start with ``[rank N]``."""
+    rank = _rank()
+    print(f"[rank {rank}] {message}" if rank else message, file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    """This process's rank when torchrun started several (RANK/WORLD_SIZE in the environment), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# respect OMP_NUM_THREADS (parallel test runs on a busy box); default: up to 2 threads
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DFCOMPRESS_SHARED", REPO.parent / "shared"))

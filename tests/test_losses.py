@@ -151,3 +151,21 @@ def test_random_resized_crop_shape_and_gradient():
     assert x.grad is not None and x.grad.abs().sum() > 0
     again = random_resized_crop(x.detach(), torch.Generator().manual_seed(0))
     assert torch.equal(out.detach(), again)
+
+
+def test_moments_gradient_matches_autograd_reference():
+    g = torch.Generator().manual_seed(6)
+    f = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    w1, w2 = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+
+    def ref(x):
+        return (x.mean((0, 2, 3)) * w1).sum() + (x.var((0, 2, 3), unbiased=False) * w2).sum()
+
+    def ours(x):
+        mean, var = losses.moments(x)
+        return (mean * w1).sum() + (var * w2).sum()
+
+    x1, x2 = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    ref(x1).backward()
+    ours(x2).backward()
+    assert torch.allclose(x1.grad.float(), x2.grad.float(), atol=1e-5)

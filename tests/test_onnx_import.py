@@ -23,6 +23,15 @@ AKAMASTER = ["resnet20", "resnet32", "resnet44", "resnet56"]
 
 # ---------------------------------------------------------------- helpers
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small ops: a second intra-op thread only spin-waits on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -217,6 +226,8 @@ def test_akamaster_teachers(shared_dir, arch):
     n_conv = sum(isinstance(m, nn.Conv2d) for m in gm.modules())
     assert n_conv == int(arch[6:]) - 1  # 6n+2 layers = 6n+1 convs + 1 linear
     assert isinstance(gm.linear_Gemm, nn.Linear)
+    assert gm.meta["onnx"]["inputs"] == [{"name": "input", "shape": [None, 3, 32, 32]}]
+    assert gm.meta["onnx"]["outputs"] == [{"name": "logits", "shape": [None, 10]}]
 
 
 # ---------------------------------------------------------------- every zoo architecture
@@ -267,7 +278,7 @@ def _axes(opset: int, since: int, name: str, values: list[int], inits: list) -> 
 
 
 def conv_graph(opset: int) -> onnx.ModelProto:
-    """Asymmetric/SAME pads, BN, HardSigmoid(ONNX alpha), SE via ReduceMean, reflect Pad, pools, Split, Clip, Gemm."""
+    """Asymmetric/SAME pads, BN, LRN, HardSigmoid(ONNX alpha), SE via ReduceMean, reflect Pad, pools, Split, Clip, Gemm."""
     rng = np.random.default_rng(opset)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
     inits = [_init("w1", f32(8, 3, 2, 2)), _init("b1", f32(8)),
@@ -285,8 +296,9 @@ def conv_graph(opset: int) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="/stem/conv/Conv", pads=[0, 0, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], name="/stem/bn/BN", epsilon=1e-3, momentum=0.8),
-        helper.make_node("HardSigmoid", ["bn"], ["hs"], name="hsig"),
-        helper.make_node("Mul", ["bn", "hs"], ["a1"]),
+        helper.make_node("LRN", ["bn"], ["lrn"], size=3, alpha=1e-2, beta=0.75, bias=2.0),
+        helper.make_node("HardSigmoid", ["lrn"], ["hs"], name="hsig"),
+        helper.make_node("Mul", ["lrn", "hs"], ["a1"]),
         helper.make_node("ReduceMean", ["a1", *rm_in], ["se"], name="se_mean", keepdims=1, **rm_attr),
         helper.make_node("Sigmoid", ["se"], ["se_g"]),
         helper.make_node("Mul", ["a1", "se_g"], ["a2"]),
@@ -314,10 +326,11 @@ def test_hand_built_conv_graph(opset):
     assert isinstance(mods["stem_conv_Conv"], nn.Conv2d) and isinstance(mods["stem_bn_BN"], nn.BatchNorm2d)
     bn = mods["stem_bn_BN"]
     assert bn.eps == pytest.approx(1e-3) and bn.momentum == pytest.approx(0.2) and not bn.training
-    assert torch.equal(bn.running_var, torch.from_numpy(numpy_helper.to_array(model.graph.initializer[5])))
+    assert torch.equal(bn.running_var, torch.tensor(numpy_helper.to_array(model.graph.initializer[5])))
     assert mods["hsig"].alpha == pytest.approx(0.2)  # ONNX default, not torch's 1/6
     assert isinstance(mods["fc"], nn.Linear)
-    assert isinstance(mods["Clip_10"], nn.Hardtanh)
+    assert isinstance(mods["Clip_11"], nn.Hardtanh)  # unnamed node: <OpType>_<index>
+    assert isinstance(mods["LRN_2"], nn.LocalResponseNorm)
 
 
 def shape_graph(opset: int) -> onnx.ModelProto:
@@ -406,3 +419,180 @@ def test_bad_files_raise_user_error(tmp_path, tiny):
         onnx_to_torch(tmp_path / "missing.onnx")
     with pytest.raises(UserError):
         onnx_to_torch(42)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- static batch, serialisation, re-export
+
+def test_static_batch_export_runs_any_batch(tiny):
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny, torch.randn(1, *SMALL), f, opset_version=17, dynamo=False, input_names=["input"])
+    data = f.getvalue()
+    gm = onnx_to_torch(data)
+    assert_parity(gm, data, SMALL, batches=(1,))
+    x = torch.randn(5, *SMALL)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), tiny(x), atol=1e-4)
+
+
+def test_round_trips(tiny, tmp_path):
+    """deepcopy, torch.save/load (re-traces the code) and legacy ONNX re-export all keep the function."""
+    import copy
+    gm = onnx_to_torch(export(tiny, SMALL, 17))
+    x = torch.randn(3, *SMALL)
+    with torch.no_grad():
+        ref = gm(x)
+        assert torch.equal(copy.deepcopy(gm)(x), ref)
+        torch.save(gm, tmp_path / "gm.pt")
+        assert torch.equal(torch.load(tmp_path / "gm.pt", weights_only=False)(x), ref)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(gm, (x,), f, opset_version=17, dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}})
+    assert_parity(gm, f.getvalue(), SMALL, batches=(2, 4))
+    # torch.export (the .pt2 path) keeps the batch dimension symbolic through the shape helpers
+    ep = torch.export.export(gm, (x,), dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=256)}})
+    x5 = torch.randn(5, *SMALL)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x5), gm(x5), atol=1e-5)
+
+
+def test_batch_one_baked_into_reshape_is_relaxed():
+    w = np.random.default_rng(0).standard_normal((120, 3)).astype(np.float32)
+
+    def model(batch, target):
+        nodes = [helper.make_node("Reshape", ["x", "shp"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])]
+        return _graph_model(nodes, [_init("shp", np.array(target, np.int64)), _init("w", w)], 17, [batch, 4, 5, 6], {"y": [batch, 3]})
+
+    static, dynamic = model(1, [1, -1]), model("N", [0, -1])
+    gm = onnx_to_torch(static)
+    assert_parity(gm, static, (4, 5, 6), batches=(1,))
+    assert_parity(gm, dynamic, (4, 5, 6), batches=(3,))
+
+
+# ---------------------------------------------------------------- op table: one small graph per op variant
+
+def _f(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _i64(*v):
+    return np.array(v, np.int64)
+
+
+# (id, opset, nodes from x to y, initializers)
+OP_CASES = [
+    ("softmax_coerced", 12, [helper.make_node("Softmax", ["x"], ["y"], axis=1)], {}),
+    ("logsoftmax_coerced", 12, [helper.make_node("LogSoftmax", ["x"], ["y"], axis=2)], {}),
+    ("softmax_axis", 13, [helper.make_node("Softmax", ["x"], ["y"], axis=1)], {}),
+    ("prelu_channel", 17, [helper.make_node("PRelu", ["x", "s"], ["y"])], {"s": _f(4, 1, 1)}),
+    ("prelu_lastdim", 17, [helper.make_node("PRelu", ["x", "s"], ["y"])], {"s": _f(6)}),
+    ("elu_selu_celu", 17, [helper.make_node("Elu", ["x"], ["a"], alpha=0.5), helper.make_node("Selu", ["a"], ["b"]),
+                          helper.make_node("Celu", ["b"], ["y"], alpha=0.7)], {}),
+    ("selu_custom", 17, [helper.make_node("Selu", ["x"], ["y"], alpha=1.2, gamma=0.9)], {}),
+    ("gelu_tanh", 20, [helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")], {}),
+    ("mish_softplus_tanh", 18, [helper.make_node("Mish", ["x"], ["a"]), helper.make_node("Softplus", ["a"], ["b"]),
+                                helper.make_node("Tanh", ["b"], ["y"])], {}),
+    ("tile", 17, [helper.make_node("Tile", ["x", "r"], ["y"])], {"r": _i64(1, 2, 1, 1)}),
+    ("reducesum_input", 13, [helper.make_node("ReduceSum", ["x", "ax"], ["y"], keepdims=0)], {"ax": _i64(1)}),
+    ("reducemax_attr", 17, [helper.make_node("ReduceMax", ["x"], ["y"], axes=[2, 3])], {}),
+    ("reducel2_input", 18, [helper.make_node("ReduceL2", ["x", "ax"], ["y"], keepdims=1)], {"ax": _i64(-1)}),
+    ("reducemean_all", 18, [helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0)], {}),
+    ("flatten_axis2", 17, [helper.make_node("Flatten", ["x"], ["y"], axis=2)], {}),
+    ("flatten_axis0", 17, [helper.make_node("Flatten", ["x"], ["y"], axis=0)], {}),
+    ("transpose_default", 17, [helper.make_node("Transpose", ["x"], ["y"])], {}),
+    ("global_max_pool", 17, [helper.make_node("GlobalMaxPool", ["x"], ["y"])], {}),
+    ("instance_norm", 17, [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-3)],
+     {"s": _f(4, seed=1), "b": _f(4, seed=2)}),
+    ("layer_norm", 17, [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"])], {"s": _f(6, seed=1), "b": _f(6, seed=2)}),
+    ("pad_edge", 13, [helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")], {"p": _i64(0, 0, 1, 2, 0, 0, 2, 1)}),
+    ("pad_const_value", 13, [helper.make_node("Pad", ["x", "p", "v"], ["y"])], {"p": _i64(0, 1, 0, 1, 0, 2, 1, 0),
+                                                                               "v": np.array(1.5, np.float32)}),
+    ("pad_negative", 13, [helper.make_node("Pad", ["x", "p"], ["y"])], {"p": _i64(0, 0, -1, 1, 0, 0, 1, -2)}),
+    ("slice_steps", 13, [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"])],
+     {"s": _i64(1, 0), "e": _i64(5, 5), "a": _i64(1, 3), "st": _i64(2, 2)}),
+    ("clip_max_only", 12, [helper.make_node("Clip", ["x", "", "hi"], ["y"])], {"hi": np.array(0.3, np.float32)}),
+    ("clip_min_only", 13, [helper.make_node("Clip", ["x", "lo"], ["y"])], {"lo": np.array(-0.2, np.float32)}),
+    ("relu6_clip", 13, [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], {"lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}),
+    ("variadic", 17, [helper.make_node("Max", ["x", "c"], ["a"]), helper.make_node("Min", ["a", "x", "c"], ["b"]),
+                      helper.make_node("Sum", ["a", "b", "x"], ["d"]), helper.make_node("Mean", ["d", "c"], ["y"])], {"c": _f(6)}),
+    ("unary_chain", 17, [helper.make_node(op, ins, [out]) for op, ins, out in [
+        ("Abs", ["x"], "a"), ("Neg", ["a"], "b"), ("Exp", ["b"], "c"), ("Erf", ["c"], "d"), ("Sin", ["d"], "e"),
+        ("Floor", ["x"], "f"), ("Add", ["e", "f"], "g"), ("Sqrt", ["c"], "h"), ("Mul", ["g", "h"], "y")]], {}),
+    ("pow_div_sub", 17, [helper.make_node("Pow", ["x", "two"], ["a"]), helper.make_node("Div", ["a", "c"], ["b"]),
+                         helper.make_node("Sub", ["c", "b"], ["y"])], {"two": np.array(2.0, np.float32), "c": _f(6) + 3}),
+    ("maxpool_ceil_dilation", 17, [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                                                    dilations=[2, 1], ceil_mode=1)], {}),
+    ("avgpool_include_pad", 17, [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 2], strides=[1, 2], pads=[1, 0, 1, 0],
+                                                  count_include_pad=1)], {}),
+    ("avgpool_exclude_pad", 17, [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])], {}),
+    ("matmul_dynamic", 17, [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["x", "t"], ["y"])], {}),
+    ("where_less", 17, [helper.make_node("Less", ["x", "c"], ["m"]), helper.make_node("Where", ["m", "x", "c"], ["y"])], {"c": _f(6)}),
+    ("expand", 17, [helper.make_node("Slice", ["x", "s", "e", "a"], ["t"]), helper.make_node("Expand", ["t", "sh"], ["y"])],
+     {"s": _i64(0), "e": _i64(1), "a": _i64(1), "sh": _i64(1, 4, 1, 1)}),
+    ("conv_grouped_asym", 17, [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=2, dilations=[2, 1], pads=[1, 0, 1, 2])],
+     {"w": _f(6, 2, 2, 3), "b": _f(6)}),
+    ("conv_same_lower", 17, [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER", strides=[2, 2])], {"w": _f(3, 4, 2, 2)}),
+    ("conv_valid", 17, [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="VALID", strides=[1, 2])], {"w": _f(3, 4, 3, 3)}),
+    ("split_uneven_concat", 13, [helper.make_node("Split", ["x", "sz"], ["a", "b"], axis=1), helper.make_node("Concat", ["b", "a"], ["y"], axis=1)],
+     {"sz": _i64(1, 3)}),
+    ("cast_roundtrip", 17, [helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT32), helper.make_node("Cast", ["i"], ["y"], to=TensorProto.FLOAT)], {}),
+    ("gemm_trans_a", 18, [helper.make_node("ReduceMean", ["x", "ax"], ["m"], keepdims=0), helper.make_node("Transpose", ["m"], ["mt"]),
+                          helper.make_node("Gemm", ["mt", "w", "c"], ["y"], transA=1, alpha=0.3, beta=0.7)],
+     {"ax": _i64(2, 3), "w": _f(4, 3), "c": _f(3)}),
+    ("gemm_no_bias_beta0", 18, [helper.make_node("ReduceMean", ["x", "ax"], ["m"], keepdims=0),
+                                helper.make_node("Gemm", ["m", "w", "c"], ["y"], transB=1, beta=0.0)],
+     {"ax": _i64(2, 3), "w": _f(3, 4), "c": _f(3)}),
+    ("size_shape_slice", 17, [helper.make_node("Shape", ["x"], ["s"], start=1), helper.make_node("ReduceProd", ["s"], ["p"], keepdims=1),
+                              helper.make_node("Size", ["x"], ["n"]), helper.make_node("Div", ["n", "p"], ["b"]),
+                              helper.make_node("Concat", ["b", "m1"], ["shp"], axis=0), helper.make_node("Reshape", ["x", "shp"], ["y"])],
+     {"m1": _i64(-1)}),
+]
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_op_table(case):
+    _, opset, nodes, inits = case
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[_init(k, v) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 17 else 10
+    gm = onnx_to_torch(model)
+    assert_parity(gm, model, (4, 5, 6), batches=(2, 3))
+
+
+def test_torch_pruning_sees_the_layers():
+    """Real Conv/BN/Linear submodules let torch-pruning shrink a converted BN-preserved residual net."""
+    import torch_pruning as tp
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(F.relu(self.body(x) + x))
+
+    gm = onnx_to_torch(export(randomize_bn(Res()), SMALL, 17, preserve_bn=True))
+    fc = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    pruner = tp.pruner.MagnitudePruner(gm, torch.randn(1, *SMALL), importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=0.5, ignored_layers=fc)
+    pruner.step()
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 8]
+    assert all(bn.num_features == 8 for _, bn in batchnorm_layers(gm))
+    assert gm(torch.randn(2, *SMALL)).shape == (2, 5)
+
+
+def test_unproduced_optional_output_is_a_clear_error():
+    nodes = [helper.make_node("Dropout", ["x"], ["d", "mask"], name="drop"), helper.make_node("Cast", ["mask"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    with pytest.raises(UserError, match="'mask' of ONNX node 'drop' \\(Dropout\\)"):
+        onnx_to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))

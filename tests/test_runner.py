@@ -257,7 +257,7 @@ def test_two_ranks_equal_one(tmp_path):
 
 def test_adi_student_carries_over_and_resumes_exactly(tmp_path):
     pytest.importorskip("dfcompress.inversion.synthesizers.deepinversion")
-    settings = make_settings(n=6, batch=2, iterations=2, method="adi", adi_student="digits_cnn")
+    settings = make_settings(n=3, batch=1, iterations=2, method="adi", adi_student="digits_cnn")
     teacher = tiny_teacher()
     manifest = synthesize(teacher, settings, tmp_path / "clean", CPU)
     assert manifest["sequential"] is True and manifest["method"] == "adi"

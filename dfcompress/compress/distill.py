@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..progress import log
-from .kd import derive_seed, split_holdout, stack_images, train_kd
+from .kd import derive_seed, dist_info, split_holdout, stack_images, train_kd
 
 
 def check_synthetic_set(dataset: Any, teacher: Any) -> None:
@@ -89,8 +89,9 @@ def distill(teacher: Any, student_name: Optional[str], synth_dir: str | Path, se
     n_check = settings.export.parity_images
     check_src = hold_images if hold_images is not None else stack_images(train_set, limit=n_check)
     files = ("state_dict", "onnx") if ds_settings.export else ("state_dict",)
-    metrics["model_dir"] = save_model_dir(
-        out, student, teacher, "distill", name, files, to_input(check_src[:n_check], teacher),
-        opset=settings.export.opset, atol=settings.export.parity_atol, extra={"student": name},
-    )
+    if dist_info()[0] == 0:  # under torchrun only rank 0 writes the model folder
+        metrics["model_dir"] = save_model_dir(
+            out, student, teacher, "distill", name, files, to_input(check_src[:n_check], teacher),
+            opset=settings.export.opset, atol=settings.export.parity_atol, extra={"student": name},
+        )
     return metrics

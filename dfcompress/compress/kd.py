@@ -69,15 +69,31 @@ def dist_info() -> tuple[int, int]:
 
 
 def make_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> DistributedSampler:
-    """Shuffling sampler, also for one process: its order depends only on (seed, epoch) via set_epoch."""
-    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    """Shuffling sampler, also for one process: its order depends only on (seed, epoch) via set_epoch.
+
+    Rank r takes positions r, r+W, r+2W, ... of the one shared permutation, so with per-rank batch
+    B/W the W batches of step j together are positions [jB, (j+1)B): the single-process batch j.
+    drop_last trims the permutation to a multiple of W instead of padding it with repeats (a no-op for
+    one process), so every rank makes the same number of steps of the same size.
+    """
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+
+
+def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
+    """Per-rank batch under DDP: the ``world_size`` per-rank batches of one step form the global batch."""
+    b = max(1, batch_size // world_size)
+    if world_size > 1 and rank == 0 and b * world_size != batch_size:
+        log(f"note: batch size {batch_size} is not a multiple of {world_size} ranks: each rank takes {b}, a step {b * world_size} images")
+    return b
 
 
 def wrap_model(student: nn.Module, runtime: Any) -> nn.Module:
-    """DistributedDataParallel when a process group exists, the module itself otherwise."""
+    """DistributedDataParallel (BatchNorm synchronised across ranks) when a process group exists, the
+    module itself otherwise. Train through the result; ``student`` keeps its own layers and tensors."""
     if dist_info()[1] > 1:
-        ids = [runtime.device.index] if runtime.device.type == "cuda" and runtime.device.index is not None else None
-        return nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        from ..distributed import ddp_model
+
+        return ddp_model(student, runtime)
     return student
 
 
@@ -96,21 +112,27 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool) -> Tensor:
-    """Random crop with zero ``padding`` (pixel space) and random horizontal flip; randomness from ``g`` (CPU)."""
+def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Random crop with zero ``padding`` (pixel space) and random horizontal flip; randomness from ``g`` (CPU).
+
+    Under DDP every rank draws the random numbers of the whole global batch (``n * world_size``, from
+    the same generator) and keeps positions ``rank::world_size`` — the images it holds (see
+    make_sampler) — so each image gets the augmentation one process would give it.
+    """
     n, c, h, w = x01.shape
+    total, pick = n * world_size, slice(rank, n * world_size, world_size)
     out = x01
     if padding > 0:
         padded = F.pad(x01, [padding] * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x01.device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x01.device)
+        dy = torch.randint(0, 2 * padding + 1, (total,), generator=g)[pick].to(x01.device)
+        dx = torch.randint(0, 2 * padding + 1, (total,), generator=g)[pick].to(x01.device)
         rows = (dy[:, None] + torch.arange(h, device=x01.device)[None])[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x01.device)[None])[:, None, None, :]
         bidx = torch.arange(n, device=x01.device)[:, None, None, None]
         cidx = torch.arange(c, device=x01.device)[None, :, None, None]
         out = padded[bidx, cidx, rows, cols]
     if flip:
-        mask = (torch.rand(n, generator=g) < 0.5).to(x01.device)[:, None, None, None]
+        mask = (torch.rand(total, generator=g) < 0.5)[pick].to(x01.device)[:, None, None, None]
         out = torch.where(mask, out.flip(3), out)
     return out
 
@@ -194,8 +216,9 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
     teacher_module = runtime.prepare(teacher.module).eval()
     model = wrap_model(student, runtime)
     sampler = make_sampler(dataset, seed, rank, world)
-    drop_last = len(sampler) > cfg.batch_size  # a last batch of 1 breaks BatchNorm in train mode
-    steps = len(sampler) // cfg.batch_size if drop_last else math.ceil(len(sampler) / cfg.batch_size)
+    batch = per_rank_batch(cfg.batch_size, rank, world)
+    drop_last = len(sampler) > batch  # a last batch of 1 breaks BatchNorm in train mode
+    steps = len(sampler) // batch if drop_last else math.ceil(len(sampler) / batch)
     opt = make_optimizer(student, cfg)
     sched = make_scheduler(opt, cfg, epochs * steps)
     scaler = runtime.grad_scaler()
@@ -216,16 +239,16 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, num_workers=0,
+        loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=drop_last, num_workers=0,
                             generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 2)))
-        g_aug = torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 0))
+        g_aug = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, 0))  # one stream for all ranks (augment picks)
         lr0 = opt.param_groups[0]["lr"]
         devices = [runtime.device] if runtime.device.type == "cuda" else []
         # dropout etc. draw from the global RNG: seed it per epoch, and leave the caller's state untouched
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(seed, epoch, rank, 1))
             loss_sum, count = _run_epoch(model, teacher, teacher_module, loader, opt, sched, scaler, runtime, cfg, g_aug,
-                                         epoch, progress, task)
+                                         epoch, progress, task, rank, world)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, count), "lr": lr0}
         if eval_fn is not None:
             student.eval()
@@ -253,11 +276,12 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
 
 
 def _run_epoch(model: nn.Module, teacher: Any, teacher_module: nn.Module, loader: DataLoader, opt, sched, scaler,
-               runtime: Any, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any) -> tuple[float, int]:
+               runtime: Any, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any,
+               rank: int = 0, world: int = 1) -> tuple[float, int]:
     model.train()
     loss_sum, count = 0.0, 0
     for step, (images01, _labels, _logits) in enumerate(loader):
-        x = augment(images01.to(runtime.device), g_aug, cfg.crop_padding, cfg.flip)
+        x = augment(images01.to(runtime.device), g_aug, cfg.crop_padding, cfg.flip, rank, world)
         x = runtime.tensor(teacher.normalize(x))
         with runtime.autocast():
             with torch.no_grad():

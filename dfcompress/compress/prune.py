@@ -8,7 +8,9 @@ See prune_ops.py for option-A shortcuts and the round_to guard.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..progress import log
-from .prune_ops import CUSTOM_PRUNERS, SkipGuard, apply_guard, make_prunable
+from .prune_ops import SkipGuard, apply_guard, custom_pruners
 
 SEARCH_TOLERANCE = 0.01  # the params/MACs target is met within 1 percentage point
 SEARCH_MAX_ITER = 16
@@ -41,57 +43,138 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 
 def prune_module(model: nn.Module, example: torch.Tensor, ratio: float, *, global_pruning: bool = False,
-                 round_to: Optional[int] = None, ignored_layers: Optional[list[nn.Module]] = None,
-                 verbose: bool = True) -> dict[str, Any]:
-    """Prune ``model`` in place removing ``ratio`` of the channels (per layer, or globally ranked).
+                 round_to: Optional[int] = None, ignored_layers: Optional[list[str]] = None,
+                 verbose: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned copy of ``model`` with ``ratio`` of the channels removed (per layer, or globally ranked).
 
-    Option-A shortcuts are made prunable first; groups that torch-pruning would silently skip are
-    pruned to the smallest legal width by the guard. Returns {guard: [records], unchanged: [layers that
-    kept every channel although local pruning should have shrunk them]}.
+    Option-A shortcuts get their own pruner; groups that torch-pruning would silently skip are pruned
+    to the smallest legal width by the guard. When the pruned copy does not run (an imported graph with
+    a channel-changing functional op torch-pruning cannot follow), the groups that break it are found
+    one by one and left unpruned. Returns (pruned, {guard, unchanged, skipped_groups, widths_*}).
     """
     if not 0.0 < ratio < 1.0:
         raise UserError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
-    model.eval()
-    make_prunable(model)
-    ignored = [classifier_layer(model)] + list(ignored_layers or [])
+    model = model.eval()
+    skipped: list[str] = list(ignored_layers or [])
+    try:
+        pruned, info = _prune_once(copy.deepcopy(model), example, ratio, global_pruning, round_to, skipped)
+    except _Broken as first:
+        unsafe = find_unsafe_groups(model, example)
+        if not unsafe:
+            raise UserError(f"the pruned model no longer runs ({first}); prune another model or a smaller --ratio") from None
+        if verbose:
+            log(f"prune: torch-pruning cannot follow {len(unsafe)} channel group(s) of this graph; leaving them unpruned: {', '.join(unsafe[:5])}")
+        skipped += unsafe
+        try:
+            pruned, info = _prune_once(copy.deepcopy(model), example, ratio, global_pruning, round_to, skipped)
+        except _Broken as again:
+            raise UserError(f"the pruned model no longer runs ({again}); prune another model or a smaller --ratio") from None
+    info["skipped_groups"] = skipped
+    if verbose:
+        for r in info["guard"]:
+            log(f"prune: {r['layer']} ({r['channels']} channels): {r['reason']}; {r['action']}")
+        if info["unchanged"]:
+            log(f"prune: warning: {len(info['unchanged'])} layer(s) kept all channels: {', '.join(info['unchanged'][:5])}")
+    return pruned, info
+
+
+class _Broken(Exception):
+    """A pruning attempt produced a model that does not run (internal: triggers the fallback)."""
+
+
+def _make_pruner(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
+                 round_to: Optional[int], ignored: list[nn.Module]) -> Any:
+    return tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+        global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored, customized_pruners=custom_pruners(),
+    )
+
+
+def _prune_once(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
+                round_to: Optional[int], skipped: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    ignored = [classifier_layer(model)] + [model.get_submodule(n) for n in skipped]
+    names = {m: n for n, m in model.named_modules()}
     before = layer_widths(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tp warns about unwrapped parameters it does not need here
-        pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-            global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored,
-            customized_pruners=dict(CUSTOM_PRUNERS),
-        )
-        guard = SkipGuard(pruner).install()
-        pruner.step()
-        names = {m: n for n, m in model.named_modules()}
-        records = apply_guard(guard, names, round_to)
-    for r in records if verbose else []:
-        log(f"prune: {r['layer']} ({r['channels']} channels): {r['reason']}; {r['action']}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tp's notes on unwrapped parameters it does not need here
+            pruner = _make_pruner(model, example, ratio, global_pruning, round_to, ignored)
+            guard = SkipGuard(pruner).install()
+            pruner.step()
+            records = apply_guard(guard, names, round_to)
+    except (IndexError, RuntimeError, ValueError, AssertionError) as exc:
+        raise _Broken(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
+    _check_forward(model, example)
     after = layer_widths(model)
     unchanged = []
-    if not global_pruning:
-        ignored_names = {names[m] for m in ignored if m in names}
+    if not global_pruning:  # every layer outside the ignored groups must have shrunk as local pruning promises
+        skip = _group_members(pruner.DG, ignored, names)
         step = round_to or 1
+        guarded = {r["layer"] for r in records}
         for name, c in before.items():
             keep = int(c * (1 - ratio))
             keep -= keep % step
-            guarded = any(r["layer"] == name for r in records)
-            if name not in ignored_names and c > step and keep < c and after.get(name) == c and not guarded:
+            if name not in skip and name not in guarded and c > step and keep < c and after.get(name) == c:
                 unchanged.append(name)
-        if unchanged and verbose:
-            log(f"prune: warning: {len(unchanged)} layer(s) kept all channels: {', '.join(unchanged[:5])}")
-    _check_forward(model, example)
-    return {"guard": records, "unchanged": unchanged, "widths_before": before, "widths_after": after}
+    return model, {"guard": records, "unchanged": unchanged, "widths_before": before, "widths_after": after}
+
+
+def _group_members(dg: Any, roots: list[nn.Module], names: dict[nn.Module, str]) -> set[str]:
+    """Names of every layer whose output channels are coupled with one of ``roots``."""
+    members = set()
+    for root in roots:
+        pruner = dg.get_pruner_of_module(root)
+        if pruner is None or root not in dg.module2node:
+            continue
+        for dep, _ in dg.get_pruning_group(root, pruner.prune_out_channels, [0]):
+            if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names:
+                members.add(names[dep.target.module])
+    return members
+
+
+def find_unsafe_groups(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Root layers of the dependency groups whose pruning breaks the forward pass, found by pruning one
+    channel of each group on a copy (a fresh copy after every failure)."""
+    bad: list[str] = []
+    with torch.no_grad():
+        expected = model(example).shape
+    while True:
+        trial = copy.deepcopy(model)
+        names = {m: n for n, m in trial.named_modules()}
+        ignored = [classifier_layer(trial)] + [trial.get_submodule(n) for n in bad]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg = tp.DependencyGraph().build_dependency(trial, example_inputs=example, customized_pruners=custom_pruners())
+            culprit = None
+            for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+                dep = group[0][0]
+                channels = dg.get_out_channels(dep.target.module)
+                if not channels or channels < 2:
+                    continue
+                one = dg.get_pruning_group(dep.target.module, dep.handler, [channels - 1])
+                try:
+                    if dg.check_pruning_group(one):
+                        one.prune()
+                        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx prints failing code
+                            ok = trial(example).shape == expected
+                    else:
+                        ok = True
+                except (IndexError, RuntimeError, ValueError, AssertionError):
+                    ok = False
+                if not ok:
+                    culprit = names[dep.target.module]
+                    break
+        if culprit is None or culprit in bad:
+            return bad
+        bad.append(culprit)
 
 
 def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx GraphModules print failing code
             out = model(example)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                        "this architecture has a layer torch-pruning cannot follow, prune with --ratio smaller or another model") from None
+    except Exception as exc:  # noqa: BLE001 - any failure means the graph was cut wrongly
+        raise _Broken(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
     if not torch.isfinite(out).all():
         raise UserError("the pruned model produces NaN/inf; try a smaller --ratio")
 
@@ -106,9 +189,8 @@ def search_ratio(model: nn.Module, example: torch.Tensor, measure: Callable[[nn.
     base = measure(model)
 
     def removed(r: float) -> float:
-        m = copy.deepcopy(model)
-        prune_module(m, example, r, global_pruning=global_pruning, round_to=round_to, verbose=False)
-        return 1.0 - measure(m) / base
+        pruned, _ = prune_module(model, example, r, global_pruning=global_pruning, round_to=round_to, verbose=False)
+        return 1.0 - measure(pruned) / base
 
     top = removed(MAX_CHANNEL_RATIO)
     if target > top + tol:
@@ -141,7 +223,7 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
     from ..models.introspect import count_macs, count_params
     from ..models.model_dir import save_model_dir
     from .distill import check_synthetic_set
-    from .kd import KDConfig, split_holdout, stack_images, train_kd
+    from .kd import KDConfig, dist_info, split_holdout, stack_images, train_kd
 
     ps = settings.prune
     out = Path(out_dir)
@@ -158,15 +240,14 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
                                        global_pruning=ps.global_pruning, round_to=ps.round_to)
         searched = {"target": ps.target, "asked": ps.ratio, "achieved": achieved, "channel_ratio": ratio}
         log(f"prune: channel ratio {ratio:.3f} removes {achieved:.1%} of {ps.target} (asked {ps.ratio:.0%})")
-    info = prune_module(model, example, ratio, global_pruning=ps.global_pruning, round_to=ps.round_to)
-    pruned = model
+    pruned, info = prune_module(model, example, ratio, global_pruning=ps.global_pruning, round_to=ps.round_to)
 
-    teacher_module = cpu_copy(teacher.module)
     metrics: dict[str, Any] = {
         "channel_ratio": ratio, "target": ps.target, "global_pruning": ps.global_pruning, "round_to": ps.round_to,
         "search": searched, "guard": info["guard"], "unchanged_layers": info["unchanged"],
-        "params_before": int(count_params(teacher_module)), "params_after": int(count_params(pruned)),
-        "macs_before": int(count_macs(teacher_module, shape)), "macs_after": int(count_macs(pruned, shape)),
+        "skipped_groups": info["skipped_groups"],
+        "params_before": int(count_params(model)), "params_after": int(count_params(pruned)),
+        "macs_before": int(count_macs(model, shape)), "macs_after": int(count_macs(pruned, shape)),
     }
     metrics["params_removed"] = 1.0 - metrics["params_after"] / metrics["params_before"]
     metrics["macs_removed"] = 1.0 - metrics["macs_after"] / metrics["macs_before"]
@@ -205,8 +286,9 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
     check_src = hold_images if hold_images is not None else stack_images(train_set, limit=settings.export.parity_images)
     check = to_input(check_src[: settings.export.parity_images], teacher)
     files = ("pt2", "onnx") if ps.export else ("pt2",)
-    metrics["model_dir"] = save_model_dir(
-        out, pruned, teacher, "prune", None, files, check, opset=settings.export.opset, atol=settings.export.parity_atol,
-        extra={"base_arch": teacher.arch, "pruning": {k: metrics[k] for k in ("channel_ratio", "target", "global_pruning", "round_to")}},
-    )
+    if dist_info()[0] == 0:  # under torchrun only rank 0 writes the model folder
+        metrics["model_dir"] = save_model_dir(
+            out, pruned, teacher, "prune", None, files, check, opset=settings.export.opset, atol=settings.export.parity_atol,
+            extra={"base_arch": teacher.arch, "pruning": {k: metrics[k] for k in ("channel_ratio", "target", "global_pruning", "round_to")}},
+        )
     return metrics

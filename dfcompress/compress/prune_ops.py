@@ -1,15 +1,14 @@
-"""torch-pruning plumbing: option-A shortcuts made prunable, and the guard against silently skipped layers.
+"""torch-pruning plumbing: zoo modules it cannot see into, and the guard against silently skipped layers.
 
 Two things torch-pruning 1.6 does not handle by itself:
 
 * **Option-A shortcuts** (CIFAR ResNet-20/32/44/56: stride-2 subsample + zero channel padding).
-  The dependency graph treats ``F.pad`` as element-wise, so it couples the 16-channel input with the
-  32-channel output index for index and the pruned model breaks. Before pruning we swap every
-  ``PadShortcut`` for an exactly equivalent :class:`ChannelPadShortcut` ("put input channel i at
-  output position gather[j], zeros elsewhere") and register a pruner for it whose input and output
-  channels are *independent*: removing an output channel drops its gather entry, removing an input
-  channel turns the output positions it fed into zeros. Stage boundaries become separate groups, so
-  the residual stream of every stage is pruned too.
+  Its dependency graph treats ``F.pad`` as element-wise, couples the 16-channel input with the
+  32-channel output index for index, and the pruned model breaks ("mat1 and mat2 shapes cannot be
+  multiplied"). The zoo's ``PadShortcut`` therefore has its own pruner (``zoo.pruning``): input and
+  output channels are *independent* groups; a removed output channel drops its entry of the shortcut's
+  channel ``index``, a removed input channel turns the outputs it fed into zeros. Stage boundaries
+  become separate groups, so the residual stream of every stage is pruned too.
 * **Layers skipped without a word.** Rounding a layer's remaining channels down to ``round_to`` can
   reach 0 (e.g. 12 channels, ratio 0.5, round_to 8: 6 -> 0), and so can a high ratio on a small layer
   (int(16 * 0.05) = 0). torch-pruning then asks to remove *every* channel, ``check_pruning_group``
@@ -20,99 +19,17 @@ Two things torch-pruning 1.6 does not handle by itself:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-import torch_pruning as tp
-from torch import Tensor, nn
+from torch import nn
 
-from ..models.zoo.resnet_cifar import PadShortcut
+from ..models.zoo.pruning import customized_pruners
 
 
-class ChannelPadShortcut(nn.Module):
-    """Parameter-free shortcut: subsample by ``stride``, then output j = input[gather[j]] (or 0 when gather[j] == in_channels)."""
-
-    def __init__(self, in_channels: int, gather: Sequence[int] | Tensor, stride: int = 2):
-        super().__init__()
-        self.in_channels = int(in_channels)
-        self.stride = int(stride)
-        self.register_buffer("gather", torch.as_tensor(gather, dtype=torch.long).clone())
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.gather.numel())
-
-    @classmethod
-    def from_pad(cls, module: PadShortcut, in_channels: int) -> "ChannelPadShortcut":
-        zero = in_channels
-        gather = [zero] * module.pad + list(range(in_channels)) + [zero] * module.pad
-        return cls(in_channels, gather, module.stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        x = F.pad(x, (0, 0, 0, 0, 0, 1))  # one extra all-zero channel at index in_channels
-        return x.index_select(1, self.gather)
-
-    def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, stride={self.stride}"
-
-
-class ChannelPadPruner(tp.pruner.BasePruningFunc):
-    """Pruning functions for ChannelPadShortcut; in and out channels are separate (no intra-layer coupling)."""
-
-    TARGET_MODULES = ChannelPadShortcut
-
-    def prune_out_channels(self, layer: ChannelPadShortcut, idxs: Sequence[int]) -> nn.Module:
-        drop = set(int(i) for i in idxs)
-        keep = [j for j in range(layer.out_channels) if j not in drop]
-        layer.gather = layer.gather[keep].clone()
-        return layer
-
-    def prune_in_channels(self, layer: ChannelPadShortcut, idxs: Sequence[int]) -> nn.Module:
-        drop = set(int(i) for i in idxs)
-        kept = [i for i in range(layer.in_channels) if i not in drop]
-        new_in = len(kept)
-        remap = {old: new for new, old in enumerate(kept)}
-        layer.gather = torch.tensor([remap.get(int(g), new_in) for g in layer.gather], dtype=torch.long)
-        layer.in_channels = new_in
-        return layer
-
-    def get_out_channels(self, layer: ChannelPadShortcut) -> int:
-        return layer.out_channels
-
-    def get_in_channels(self, layer: ChannelPadShortcut) -> int:
-        return layer.in_channels
-
-
-CUSTOM_PRUNERS = {ChannelPadShortcut: ChannelPadPruner()}
-
-
-def make_prunable(model: nn.Module) -> int:
-    """Swap every PadShortcut of ``model`` (in place) for an equivalent ChannelPadShortcut; returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, PadShortcut)]
-    if not targets:
-        return 0
-    in_ch: dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: in_ch.__setitem__(n, int(args[0].shape[1])))
-             for name, m in targets]
-    try:
-        with torch.no_grad():
-            model(_probe_input(model))
-    finally:
-        for h in hooks:
-            h.remove()
-    for name, m in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, ChannelPadShortcut.from_pad(m, in_ch[name]))
-    return len(targets)
-
-
-def _probe_input(model: nn.Module) -> Tensor:
-    """A tiny input matching the first conv (CIFAR ResNets: any spatial size works)."""
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    return torch.zeros(2, first.in_channels, 32, 32)
+def custom_pruners() -> dict[type, Any]:
+    """Pruners for zoo modules torch-pruning cannot trace through (option-A shortcuts)."""
+    return dict(customized_pruners())
 
 
 # ----------------------------------------------------------------------------------------------

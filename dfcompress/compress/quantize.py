@@ -158,8 +158,9 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
 
     reader = SyntheticCalibrationReader(dataset, calib_idx, like, input_name)
     buf = io.BytesIO()
-    np.savez(buf, **{input_name: np.concatenate(list(reader), axis=0)})
+    np.savez(buf, **{input_name: np.concatenate([b[input_name] for b in reader], axis=0)})
     atomic_write_bytes(out / CALIB_FILE, buf.getvalue())
+    reader.rewind()  # quantize_static reads from the current position
 
     with tempfile.TemporaryDirectory(prefix="dfcompress-quant-") as tmp:
         source = _preprocess(fp32_file, Path(tmp) / "pre.onnx")

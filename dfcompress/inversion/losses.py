@@ -11,7 +11,7 @@ Everything is computed in float32 whatever the autocast dtype of the features.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,47 @@ def l2_prior(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.float())
 
 
+class _SpatialMoments(torch.autograd.Function):
+    """(E[x], E[x^2]) over the last dim of [N, C, L] in float32, with a one-pass backward.
+
+    Autograd's own backward of ``mean`` and ``x * x`` makes four full-size passes per layer; this one
+    makes a single ``addcmul`` (dE/dx = g1/L + 2 g2 x / L). It runs on every statistics layer every
+    iteration, where it was ~15% of a NaturalInversion step on CPU. The low-precision input (autocast)
+    is what is saved, not a float32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        xf = x.float()
+        return xf.mean(2), (xf * xf).mean(2)
+
+    @staticmethod
+    def backward(ctx: Any, g1: Tensor, g2: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        n = x.shape[2]
+        grad = torch.addcmul((g1 / n).unsqueeze(2), (g2 * (2.0 / n)).unsqueeze(2), x.float())
+        return grad.to(x.dtype)
+
+
+def _spatial_moments(feat: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel E[x] and E[x^2] over the spatial dims ([N, C] each; 2-D features pass through)."""
+    if feat.dim() <= 2:
+        feat = feat.float()
+        return feat, feat * feat
+    return _SpatialMoments.apply(feat.flatten(2))
+
+
 def moments(feat: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and population variance over every dim but dim 1 (what BN normalises with)."""
-    feat = feat.float()
-    dims = [d for d in range(feat.dim()) if d != 1]
-    var, mean = torch.var_mean(feat, dim=dims, unbiased=False)
-    return mean, var
+    """Per-channel mean and population variance over every dim but dim 1 (what BN normalises with).
+
+    Computed as E[x^2] - E[x]^2 from per-sample spatial sums: twice as fast as ``var_mean`` over
+    (N, H, W) on CPU, forward and backward, and this runs on every statistics layer every iteration.
+    The cancellation error (~1e-7 * mean^2 / var, relative) is negligible for conv/BN features.
+    """
+    m1, m2 = _spatial_moments(feat)
+    mean = m1.mean(0)
+    return mean, (m2.mean(0) - mean * mean).clamp_min(0.0)
 
 
 def stat_distance(mean: Tensor, var: Tensor, target_mean: Tensor, target_var: Tensor) -> Tensor:
@@ -71,22 +106,16 @@ class ClassIndex:
 def class_moments(feat: Tensor, index: ClassIndex) -> tuple[Tensor, Tensor]:
     """Per-class channel mean/variance [P, C] over (samples of the class, spatial positions).
 
-    Uses the law of total variance on per-sample moments, which needs no per-class loop and stays
-    exact: var_y = mean_i(var_i + (mean_i - mean_y)^2) over the samples i of class y.
+    Per-sample spatial moments are summed into their class rows with one ``index_add_`` (no loop
+    over classes); every sample has the same number of positions, so class moments are plain averages.
     """
-    feat = feat.float()
-    dims = list(range(2, feat.dim()))
-    if dims:
-        var_i, mean_i = torch.var_mean(feat, dim=dims, unbiased=False)
-    else:
-        mean_i, var_i = feat, torch.zeros_like(feat)
-    p, c = index.classes.numel(), feat.shape[1]
-    counts = index.counts.to(feat.device, torch.float32).unsqueeze(1)
-    inverse = index.inverse.to(feat.device)
-    mean_y = feat.new_zeros(p, c).index_add_(0, inverse, mean_i) / counts
-    spread = var_i + (mean_i - mean_y[inverse]) ** 2
-    var_y = feat.new_zeros(p, c).index_add_(0, inverse, spread) / counts
-    return mean_y, var_y
+    m1, m2 = _spatial_moments(feat)
+    p, c = index.classes.numel(), m1.shape[1]
+    counts = index.counts.to(m1.device, torch.float32).unsqueeze(1)
+    inverse = index.inverse.to(m1.device)
+    mean_y = m1.new_zeros(p, c).index_add_(0, inverse, m1) / counts
+    sq_y = m2.new_zeros(p, c).index_add_(0, inverse, m2) / counts
+    return mean_y, (sq_y - mean_y * mean_y).clamp_min(0.0)
 
 
 def class_conditional_stat_loss(

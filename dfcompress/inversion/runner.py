@@ -28,7 +28,7 @@ from ..data.synthetic import (MANIFEST, SHARD_DIR, build_manifest, shard_file, t
                               write_manifest, write_shard)
 from ..device import Runtime
 from ..errors import NumericalError, UserError
-from ..fileio import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps, sha256_file
 from ..models.teacher import Teacher
 from ..progress import log
 from ..progress import progress as progress_ctx
@@ -356,6 +356,7 @@ def finalize(teacher: Teacher, settings: Settings, out_dir: str | Path, stats=No
             raise UserError(f"shard {k} of {out} is missing or incomplete; re-run the same `dfcompress synthesize` command to finish it")
         sides.append(side)
     _remove_stale(out, len(ranges))
+    remove_stale_temps(out)  # temp files of writes cut short by a kill: every rank is done, none is in use
     preview_classes = _write_preview(out, sides, teacher.num_classes, s.preview_per_class)
     loss_summary = _write_losses(out, len(ranges))
     entries = [{k: side[k] for k in ("file", "sha256", "count", "counts_per_class", "retries")} for side in sides]

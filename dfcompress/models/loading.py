@@ -21,7 +21,7 @@ from .formats import detect
 from .formats.common import Loaded, metadata_fields
 from .formats.descriptor import pick_model_file, read_descriptor
 from .formats.pickled import as_module, loaded_pickled_module, safe_torch_load
-from .formats.probe import probe_forward, resolve_input_shape
+from .formats.probe import probe_forward, resolve_input_shape, validate_input_shape
 from .formats.state_dict import build_from_state_dict, load_safetensors, unwrap_state_dict
 from .teacher import Teacher, check_preprocessing
 
@@ -44,6 +44,10 @@ def load_teacher(
         from .embedded import embedded_teacher
 
         return embedded_teacher()
+    if input_shape is not None:
+        input_shape = validate_input_shape(input_shape)
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
+        raise UserError(f"--num-classes must be a positive integer, got {num_classes!r}")
     p = detect.check_path(path)
     kind = detect.detect_format(p)
     if kind == detect.FOLDER:
@@ -122,8 +126,12 @@ def _load_folder(folder: Path, *, arch, allow_pickle, mean, std, num_classes, in
 
 
 def _non_finite_weights(module: nn.Module) -> str | None:
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+    """First parameter with NaN/inf, or buffer with NaN (converted graphs may keep legitimate -inf constants)."""
+    for name, t in module.named_parameters():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    for name, t in module.named_buffers():
+        if t.is_floating_point() and bool(torch.isnan(t).any()):
             return name
     return None
 

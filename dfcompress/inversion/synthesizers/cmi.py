@@ -29,7 +29,7 @@ from .. import losses
 from ..augment import jitter_flip, random_resized_crop
 from ..generator import ConditionalGenerator
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, StatsTerm, Stepper, derive_seed, frozen, image_priors, record, seeded_module,
+from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, image_priors, record, seeded_module,
                      stat_targets, to_pixels)
 
 
@@ -116,9 +116,9 @@ class ContrastiveModelInversion(Synthesizer):
                     self.head = rt.prepare(seeded_module(head_seed, lambda: ProjectionHead(dim, s.cmi_head_dim)))
                 head = self.head
                 step = Stepper(rt, [
-                    torch.optim.Adam(gen.parameters(), lr=s.lr_generator),
-                    torch.optim.Adam([z], lr=s.lr_latent),
-                    torch.optim.Adam(head.parameters(), lr=s.lr_generator),
+                    adam(gen.parameters(), lr=s.lr_generator),
+                    adam([z], lr=s.lr_latent),
+                    adam(head.parameters(), lr=s.lr_generator),
                 ])
                 for it in range(s.iterations):
                     with rt.autocast():

@@ -200,6 +200,16 @@ def record(
     return row
 
 
+def adam(params: Any, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+    """Adam, fused where the device supports it (CPU and CUDA): the generator's 8M-weight Linear makes
+    the unfused update a visible share of an iteration on CPU (about 7x slower there)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, **kwargs)
+
+
 class Stepper:
     """zero_grad / (scaled) backward / step for a set of optimisers; GradScaler is a no-op unless fp16."""
 

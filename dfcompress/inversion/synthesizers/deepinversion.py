@@ -21,7 +21,7 @@ from torch import nn
 from .. import losses
 from ..augment import jitter_flip
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record, seeded_module, stat_targets,
+from .common import (BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record, seeded_module, stat_targets,
                      to_pixels)
 
 LEARN_STEPS = 5          # KD steps on the student per synthesized batch
@@ -70,7 +70,7 @@ class DeepInversion(Synthesizer):
         b = y.shape[0]
         index = losses.ClassIndex(y)
         pixels = torch.randn(b, *self.teacher.input_shape, generator=rng).to(dev).requires_grad_(True)
-        opt = torch.optim.Adam([pixels], lr=s.lr_pixels, betas=(0.5, 0.9), eps=1e-8)
+        opt = adam([pixels], lr=s.lr_pixels, betas=(0.5, 0.9), eps=1e-8)
         step = Stepper(rt, [opt])
         lo, hi = pixel_bounds(self.teacher, dev)
         keeper, history = BestKeeper(), []

@@ -10,9 +10,10 @@ Per iteration (Algorithm 1), with at most two teacher passes:
 4. teacher pass with gradients on jitter/flip(I_hat): L = λ_ce CE + λ_bn R_stats + λ_tv TV + λ_l2 ||I_hat||.
 
 Pass 2 cannot be shared with pass 1: the loss is on T(I_hat) while the pyramid reads T(G(z|y)). Pass 1
-is forward-only (the reference code also treats the features as constants), and teacher weights
-never get gradients, so an iteration costs about 1.3-1.5 teacher forward/backward passes plus the
-small generator and pyramid.
+is forward-only (the reference code also treats the features as constants) and teacher weights never
+get gradients, so the teacher costs one forward plus one forward/backward-to-the-input per iteration.
+The table-6 generator is not small next to a CIFAR ResNet: on CPU its forward/backward costs about as
+much as ResNet-56's two passes, so an iteration is ~2x the bare teacher cost (bench/speed_inversion.py).
 """
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ from ..generator import ConditionalGenerator
 from ..pyramid import FeatureTransferPyramid, StageTaps
 from ..scaling import ChannelScaling
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, StatsTerm, Stepper, derive_seed, frozen, image_priors, pixel_bounds, record,
+from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, image_priors, pixel_bounds, record,
                      seeded_module, stat_targets, straight_through_clamp, to_pixels)
+
+
+# named profiler ranges (bench/speed_inversion.py reads them); near-free when no profiler runs
+_scope = torch.profiler.record_function
 
 
 class NaturalInversion(Synthesizer):
@@ -69,11 +74,11 @@ class NaturalInversion(Synthesizer):
         y = labels_cpu.to(dev)
         index = losses.ClassIndex(y)
 
-        groups = [torch.optim.Adam(gen.parameters(), lr=s.lr_generator)]
+        groups = [adam(gen.parameters(), lr=s.lr_generator)]
         if ftp is not None:
-            groups.append(torch.optim.Adam(ftp.parameters(), lr=s.lr_pyramid))
+            groups.append(adam(ftp.parameters(), lr=s.lr_pyramid))
         if s.use_scaling:
-            groups.append(torch.optim.Adam(acs.parameters(), lr=s.lr_scaling))
+            groups.append(adam(acs.parameters(), lr=s.lr_scaling))
         step = Stepper(rt, groups)
         keeper, history = BestKeeper(), []
         lo, hi = pixel_bounds(self.teacher, dev)
@@ -84,25 +89,31 @@ class NaturalInversion(Synthesizer):
             try:
                 for it in range(s.iterations):
                     with rt.autocast():
-                        g = gen(zy)
+                        with _scope("ni/generator"):
+                            g = gen(zy)
                         if ftp is not None and stage_taps is not None:
-                            feats = stage_taps.capture(model, g.detach())
-                            x = ftp(g, feats)
+                            with _scope("ni/feature_pass"):
+                                feats = stage_taps.capture(model, g.detach())
+                            with _scope("ni/pyramid"):
+                                x = ftp(g, feats)
                         else:
                             x = torch.tanh(g)
                     image = acs(x)
                     if s.pixel_clamp:
                         image = straight_through_clamp(image, lo, hi)
                     view = jitter_flip(image, s.jitter, s.flip, rng)
-                    with rt.autocast():
+                    with _scope("ni/loss_pass"), rt.autocast():
                         logits = model(view)
-                    ce_i = F.cross_entropy(logits.float(), y, reduction="none")
-                    parts = {"ce": ce_i.mean(), "bn": stats_term(index), **image_priors(image)}
-                    total = s.lambda_ce * parts["ce"] + s.lambda_bn * parts["bn"] + s.lambda_tv * parts["tv"] + s.lambda_l2 * parts["l2"]
-                    acc = (logits.detach().argmax(1) == y).float().mean()
-                    record({"total": total, **parts, "acc": acc}, it, history, on_step, self.name)
-                    keeper.update(image, total, ce_i, s.lambda_ce)
-                    step(total)
+                    with _scope("ni/losses"):
+                        ce_i = F.cross_entropy(logits.float(), y, reduction="none")
+                        parts = {"ce": ce_i.mean(), "bn": stats_term(index), **image_priors(image)}
+                        total = (s.lambda_ce * parts["ce"] + s.lambda_bn * parts["bn"] + s.lambda_tv * parts["tv"]
+                                 + s.lambda_l2 * parts["l2"])
+                        acc = (logits.detach().argmax(1) == y).float().mean()
+                        record({"total": total, **parts, "acc": acc}, it, history, on_step, self.name)
+                        keeper.update(image, total, ce_i, s.lambda_ce)
+                    with _scope("ni/backward_step"):
+                        step(total)
             finally:
                 stats_term.close()
                 if stage_taps is not None:

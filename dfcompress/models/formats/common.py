@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-import torch
 from torch import nn
 
 from ...errors import UserError
@@ -42,7 +41,7 @@ def first_conv_in_channels(module: nn.Module) -> int | None:
     """Input channels of the first convolution, from the module tree or else from the first 4-D weight."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            return int(m.in_channels) * int(m.groups)
+            return int(m.in_channels)
     for _name, p in module.named_parameters():
         if p.dim() == 4:
             return int(p.shape[1])
@@ -69,31 +68,3 @@ def metadata_fields(meta: dict[str, Any]) -> dict[str, Any]:
     if isinstance(arch, str) and arch:
         out["arch"] = arch
     return out
-
-
-@torch.no_grad()
-def check_parity(
-    reference: Callable[[torch.Tensor], torch.Tensor],
-    candidate: nn.Module,
-    input_shape: tuple[int, int, int],
-    *,
-    batch: int = 2,
-    seed: int = 0,
-) -> float:
-    """Largest |logit difference| between two callables on seeded random normalised inputs."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *input_shape, generator=g)
-    ref = reference(x)
-    got = candidate(x)
-    if isinstance(ref, (tuple, list)):
-        ref = ref[0]
-    if isinstance(got, (tuple, list)):
-        got = got[0]
-    if ref.shape != got.shape:
-        return float("inf")
-    return float((ref.float() - got.float()).abs().max())
-
-
-def parity_tolerance(logits_scale: float) -> float:
-    """1e-4 absolute, relaxed proportionally for models whose logits are far larger than 1."""
-    return 1e-4 * max(1.0, logits_scale / 10.0)

@@ -62,11 +62,14 @@ def zip_kind(names: list[str]) -> str | None:
     return None
 
 
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 10:
-        return False
+def _safetensors_guess(head: bytes, size: int) -> str:
+    """yes / corrupt (a header that claims more bytes than the file has) / no."""
+    if len(head) < 10 or head[8:10] not in (b'{"', b"{}"):
+        return "no"
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= size - 8 and head[8:9] == b"{"
+    if 2 <= n <= size - 8:
+        return "yes"
+    return "corrupt" if n < 1 << 30 else "no"
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -82,15 +85,18 @@ def detect_format(path: str | os.PathLike) -> str:
             with zipfile.ZipFile(p) as z:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise UserError(f"{p} is a zip archive (PyTorch checkpoint?) but cannot be read: it is truncated or corrupted ({exc}); re-download or re-export it") from None
+            raise UserError(f"{p} is a zip archive (PyTorch checkpoint, TorchScript or .pt2) but cannot be read: it is truncated or corrupted ({exc}); re-download or re-export it") from None
         kind = zip_kind(names)
         if kind is None:
             raise UserError(f"{p} is a zip archive but not a PyTorch checkpoint, TorchScript or .pt2 file; pass a supported model file")
         return kind
     if head[:1] == b"\x80":
         return PICKLE
-    if _looks_like_safetensors(head, size):
+    st_guess = _safetensors_guess(head, size)
+    if st_guess == "yes":
         return SAFETENSORS
+    if st_guess == "corrupt":
+        raise UserError(f"{p} looks like a safetensors file but is shorter than its header says: it is truncated; re-download or re-export it")
     if p.name == DESCRIPTOR or head.lstrip()[:1] == b"{":
         if _is_descriptor_file(p):
             return FOLDER

@@ -74,7 +74,7 @@ def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:
 
 def load_pt2(path: Path, *, label: str, allow_pickle: bool) -> Loaded:
     vet_archive(path, allow_pickle=allow_pickle, label=label)
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = {"dfcompress.json": ""}  # non-empty: torch.export.load replaces an empty dict
     try:
         ep = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)
         original = ep.module()

@@ -8,6 +8,7 @@ recorded in ``nn_module_stack`` (``layer1.0.bn1``) so that names stay meaningful
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -213,7 +214,7 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         users = list(node.users)
         if node.target is aten._native_batch_norm_legit_no_training.default:
-            if any(u.target is not __import__("operator").getitem or u.args[1] != 0 for u in users):
+            if any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
                 continue
         path = _place(gm, node, new, taken)
         if path not in taken:

@@ -44,7 +44,7 @@ def resolve_input_shape(
 ) -> tuple[tuple[int, int, int], str]:
     """(C, H, W) and where it came from: flag | metadata | arch default | probe."""
     if flag is not None:
-        shape = _validate_flag(flag)
+        shape = validate_input_shape(flag)
         check_channels(module, shape, label)
         return shape, "flag"
     if metadata is not None:
@@ -64,7 +64,7 @@ def resolve_input_shape(
     raise UserError(f"{label} accepted none of the probed input sizes {list(PROBE_SIZES)} with {channels} channel(s); pass --input-shape C,H,W")
 
 
-def _validate_flag(flag: tuple[int, int, int]) -> tuple[int, int, int]:
+def validate_input_shape(flag: tuple[int, int, int]) -> tuple[int, int, int]:
     try:
         shape = tuple(int(v) for v in flag)
     except (TypeError, ValueError):

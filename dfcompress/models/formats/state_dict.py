@@ -28,7 +28,7 @@ def is_tensor_dict(obj: Any) -> bool:
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The tensor mapping inside a checkpoint (two wrapper levels at most), prefixes stripped; None if none."""
+    """The tensor mapping inside a checkpoint (up to three wrapper levels), prefixes stripped; None if none."""
     for _ in range(3):
         if is_tensor_dict(obj) and not any(isinstance(obj.get(k), Mapping) for k in WRAPPER_KEYS):
             break
@@ -134,6 +134,17 @@ def _best_prefix_variant(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, 
     return best
 
 
+def _skeleton(create_model, name: str, k: int, c: int, size: int) -> nn.Module:
+    """The architecture on the meta device (no memory, no init cost); a CPU build if the builder needs data."""
+    try:
+        with torch.device("meta"):
+            return create_model(name, num_classes=k, in_channels=c, input_size=size)
+    except UserError:
+        raise
+    except Exception:
+        return create_model(name, num_classes=k, in_channels=c, input_size=size)
+
+
 def build_from_state_dict(
     sd: Mapping[str, torch.Tensor],
     *,
@@ -152,13 +163,12 @@ def build_from_state_dict(
     k0 = int(defaults["num_classes"])
     c0 = int(defaults.get("default_in_channels", defaults.get("in_channels", 3)))
     size = input_size or int(defaults["input_size"])
-    model = create_model(name, num_classes=num_classes or k0, in_channels=c0, input_size=size)
-    sd = _best_prefix_variant(model.state_dict(), sd)
-    inferred_k, inferred_c = infer_io(sd, model)
+    reference = _skeleton(create_model, name, num_classes or k0, c0, size)  # key names and default shapes only
+    sd = _best_prefix_variant(reference.state_dict(), sd)
+    inferred_k, inferred_c = infer_io(sd, reference)
     k = num_classes or inferred_k or k0
     c = inferred_c or c0
-    if (k, c) != (num_classes or k0, c0):
-        model = create_model(name, num_classes=k, in_channels=c, input_size=size)
+    model = create_model(name, num_classes=k, in_channels=c, input_size=size)
     model_sd = model.state_dict()
     problem = mismatch_summary(model_sd, sd)
     if problem:

@@ -3,11 +3,12 @@
 ScriptModules ignore Python forward hooks, yet inversion needs intermediate feature statistics. We
 export the ScriptModule with the legacy (TorchScript-based) ONNX exporter and rebuild it with
 ``onnx_to_torch`` into a GraphModule of real ``nn.Conv2d``/``nn.BatchNorm2d`` submodules.
-``do_constant_folding=False`` is what keeps BatchNormalization nodes (the default folding fuses BN into
-the convolutions and loses the running statistics DeepInversion matches); ``TrainingMode.PRESERVE``
-keeps the eval-mode semantics of the traced graph. The remaining shape arithmetic is then folded by
-onnxscript's constant folder, which leaves BN alone. The result must reproduce the ScriptModule's
-logits before we hand it out.
+The exporter fuses BatchNorm into the preceding convolution only in
+``TrainingMode.EVAL`` (its "eval peephole"), which would lose the running statistics DeepInversion
+matches; ``TrainingMode.PRESERVE`` on the eval-mode ScriptModule skips that fusion while still exporting
+inference-mode BatchNormalization nodes, and ``do_constant_folding=True`` still folds the shape
+arithmetic (``do_constant_folding=False`` also keeps BN but leaves Shape/Gather/Unsqueeze chains). The
+result must reproduce the ScriptModule's logits before we hand it out.
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def read_torchscript(path: Path, label: str) -> tuple[torch.jit.ScriptModule, di
     """The ScriptModule (eval, CPU, float) and its ``dfcompress.json`` extra file as a dict ({} if absent)."""
     extra = {META_FILE: ""}
     try:
-        ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit deprecation notice: this is exactly the migration path
+            ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:  # RuntimeError from the C++ reader on damaged archives
         raise corrupted(label, "a TorchScript archive", exc) from None
     meta: dict = {}
@@ -56,7 +59,7 @@ def script_to_onnx(ts: torch.jit.ScriptModule, input_shape: tuple[int, int, int]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                ts, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=False,
+                ts, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=True,
                 training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
@@ -64,14 +67,6 @@ def script_to_onnx(ts: torch.jit.ScriptModule, input_shape: tuple[int, int, int]
         raise UserError(f"{label}: the TorchScript model could not be converted to a hookable module (ONNX export failed: "
                         f"{first_line(exc)}); load the original weights with --arch, or pass an ONNX/.pt2 export") from None
     model = onnx.load_from_string(buf.getvalue())
-    try:  # fold shape arithmetic; BN is not constant-foldable (its input is activations) so it survives
-        from onnxscript.optimizer import fold_constants
-
-        folded = onnx.load_from_string(buf.getvalue())
-        fold_constants(folded)
-        model = folded
-    except Exception:
-        pass
     return model
 
 

@@ -10,6 +10,7 @@ Conv/Gemm handlers can turn into real parameters.
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from typing import Any, Callable
 
@@ -19,7 +20,19 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 Value = Any  # torch.Tensor | fx.Node | python scalar/list
 
-_RESERVED = set(dir(fx.GraphModule)) | {"self"}
+_RESERVED = set(dir(fx.GraphModule)) | set(vars(nn.Module())) | {"self", "graph", "code", "meta", "training"}
+
+
+class OnnxTracer(fx.Tracer):
+    """Tracer that keeps the run-time helpers as leaf calls.
+
+    ``torch.save``/``pickle`` of a GraphModule stores only its generated code and re-traces it on
+    load; the helpers branch on python values, so they must stay opaque calls rather than be traced.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from . import runtime
+        super().__init__(autowrap_modules=(math, runtime))
 
 
 def sanitize(name: str) -> str:
@@ -105,6 +118,7 @@ class GraphBuilder:
         self.graph.output(vals[0] if len(vals) == 1 else tuple(vals))
 
     def build(self, class_name: str = "OnnxGraphModule") -> fx.GraphModule:
+        self.graph._tracer_cls = OnnxTracer
         gm = fx.GraphModule(self.root, self.graph, class_name=class_name)
         gm.graph.eliminate_dead_code()  # e.g. shape branches made redundant by constant folding
         gm.delete_all_unused_submodules()

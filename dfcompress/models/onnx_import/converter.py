@@ -11,7 +11,7 @@ from ...errors import UserError
 from . import runtime
 from .attrs import parse_attrs, tensor_from_proto
 from .builder import GraphBuilder
-from .loader import default_opset, load_model, value_ranks
+from .loader import default_opset, load_model, value_shapes
 from .ops_tensor import maybe_py
 from .registry import HANDLERS, NodeInfo
 
@@ -42,10 +42,13 @@ def check_supported(graph: onnx.GraphProto) -> None:
                     f"supported ops: {', '.join(supported_ops())}")
 
 
-def _lookup(env: dict[str, Any], name: str, node: onnx.NodeProto) -> Any:
+def _lookup(env: dict[str, Any], name: str, node: onnx.NodeProto, skipped: dict[str, str] | None = None) -> Any:
     try:
         return env[name]
     except KeyError:
+        if skipped and name in skipped:
+            raise UserError(f"ONNX node '{node.name}' ({node.op_type}) uses output '{name}' of {skipped[name]}, which the "
+                            "dfcompress converter does not produce (training-only or index output)") from None
         raise UserError(f"ONNX node '{node.name}' ({node.op_type}) uses value '{name}' that no earlier node, initializer "
                         "or graph input defines; the file is truncated, corrupt or not topologically sorted") from None
 
@@ -55,6 +58,7 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
 
     Submodules are named after the ONNX nodes (``/layer1/layer1.0/conv1/Conv`` →
     ``layer1_layer1_0_conv1_Conv``); the batch dimension stays dynamic; constants are folded.
+    ``gm.meta["onnx"]`` records the opset, producer and graph input/output names and shapes.
     """
     proto, label = load_model(model)
     graph = proto.graph
@@ -62,28 +66,40 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
     if graph.sparse_initializer:
         raise UserError(f"{label} uses sparse initializers; not supported by the dfcompress converter")
     opset = default_opset(proto)
-    ranks = value_ranks(proto)
+    shapes = value_shapes(proto)
     b = GraphBuilder()
     env: dict[str, Any] = {init.name: tensor_from_proto(init) for init in graph.initializer}
+    initialized = set(env)
+    skipped: dict[str, str] = {}  # optional outputs a handler does not produce (Dropout mask, BN training stats)
     for inp in graph.input:  # older exporters also list initializers as inputs: those stay constants
         if inp.name not in env:
             env[inp.name] = b.placeholder(inp.name)
     for index, node in enumerate(graph.node):
-        inputs = [_lookup(env, name, node) if name else None for name in node.input]
+        inputs = [_lookup(env, name, node, skipped) if name else None for name in node.input]
         info = NodeInfo(node.op_type, node.name, index, parse_attrs(node), opset, list(node.output),
-                        [ranks.get(name) for name in node.input])
+                        [shapes.get(name) for name in node.input])
         try:
             outputs = HANDLERS[node.op_type](b, info, inputs)
         except UserError:
             raise
         except Exception as exc:
-            raise UserError(f"could not convert {info.label()} of {label}: {exc}") from exc
-        for name, value in zip(node.output, outputs):
-            if name:
-                env[name] = value
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"could not convert {info.label()} of {label}: {detail}") from exc
+        for i, name in enumerate(node.output):
+            if name and i < len(outputs):
+                env[name] = outputs[i]
+            elif name:
+                skipped[name] = info.label()
     results = []
     for out in graph.output:
-        value = _lookup(env, out.name, graph.node[-1])
+        value = _lookup(env, out.name, graph.node[-1], skipped)
         results.append(b.call(runtime.to_output, value) if maybe_py(value) else value)
     b.output(results)
-    return b.build()
+    gm = b.build()
+    gm.meta["onnx"] = {  # for callers that infer input shape / class count from the file
+        "opset": opset,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "inputs": [{"name": i.name, "shape": shapes.get(i.name)} for i in graph.input if i.name not in initialized],
+        "outputs": [{"name": o.name, "shape": shapes.get(o.name)} for o in graph.output],
+    }
+    return gm

@@ -73,18 +73,22 @@ def _without_weights(proto: onnx.ModelProto, keep_below: int = 1024) -> onnx.Mod
     return light
 
 
-def value_ranks(proto: onnx.ModelProto) -> dict[str, int]:
-    """Tensor ranks from ONNX shape inference (chooses BatchNorm1d/2d/3d etc.); empty when inference fails."""
+def value_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor shapes from ONNX shape inference (None for symbolic dims); empty when inference fails.
+
+    Handlers use them to pick BatchNorm1d/2d/3d and the like, and to spot a batch size of 1 baked
+    into a static-batch export.
+    """
     try:
         inferred = onnx.shape_inference.infer_shapes(_without_weights(proto))
     except Exception:  # inference is an optimisation only; handlers fall back to 4-D defaults
         inferred = proto
-    ranks: dict[str, int] = {}
+    shapes: dict[str, list[int | None]] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         t = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and t.HasField("shape"):
-            ranks[vi.name] = len(t.shape.dim)
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
     for init in g.initializer:
-        ranks[init.name] = len(init.dims)
-    return ranks
+        shapes[init.name] = list(init.dims)
+    return shapes

@@ -132,6 +132,13 @@ def layernorm(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
     return [b.module(n.module_name, mod, x)]
 
 
+@register("LRN")
+def lrn(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
+    a = n.attrs  # same formula as torch: x / (bias + alpha/size * sum(x^2 over the window))^beta
+    mod = nn.LocalResponseNorm(int(a["size"]), f32(a.get("alpha", 1e-4)), f32(a.get("beta", 0.75)), f32(a.get("bias", 1.0)))
+    return [b.module(n.module_name, mod, inputs[0])]
+
+
 def _linear(w_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     mod = nn.Linear(w_out_in.shape[1], w_out_in.shape[0], bias=bias is not None, device="meta", dtype=w_out_in.dtype)
     return _build(mod, {"weight": w_out_in, "bias": bias})

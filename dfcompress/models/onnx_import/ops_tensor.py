@@ -103,7 +103,13 @@ def cast_like(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
 
 @register("Reshape")
 def reshape(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
-    return [b.call(runtime.reshape, inputs[0], lit(inputs[1]), int(n.attrs.get("allowzero", 0)))]
+    target, allowzero = lit(inputs[1]), int(n.attrs.get("allowzero", 0))
+    data_shape = n.shape(0)
+    if (isinstance(target, list) and target and target[0] == 1 and not allowzero and b.is_dynamic(inputs[0])
+            and data_shape and data_shape[0] == 1):
+        # a static-batch export baked batch 1 in (x.view(1, -1)): copy dim 0 instead, so any batch runs
+        target = [0, *target[1:]]
+    return [b.call(runtime.reshape, inputs[0], target, allowzero)]
 
 
 @register("Expand")
@@ -188,21 +194,17 @@ def where(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
     return [b.call(runtime.where, *[lit(v) for v in inputs[:3]])]
 
 
-def _variadic(fn: Callable) -> Callable:
+def _variadic(op: str) -> Callable:
     def handler(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
         vals = [v for v in inputs if v is not None]
-        return [vals[0] if len(vals) == 1 else b.call(runtime.variadic, fn, *vals)]
+        return [vals[0] if len(vals) == 1 else b.call(runtime.variadic, op, *vals)]
     return handler
 
 
-register("Max")(_variadic(torch.maximum))
-register("Min")(_variadic(torch.minimum))
-register("Sum")(_variadic(torch.add))
-
-
-@register("Mean")
-def mean(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
-    return [b.call(runtime.mean_of, *[v for v in inputs if v is not None])]
+register("Max")(_variadic("max"))
+register("Min")(_variadic("min"))
+register("Sum")(_variadic("sum"))
+register("Mean")(_variadic("mean"))
 
 
 _UNARY = {"Sqrt": torch.sqrt, "Exp": torch.exp, "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs,

@@ -25,16 +25,20 @@ class NodeInfo:
     attrs: dict[str, Any]
     opset: int
     outputs: list[str]
-    input_ranks: list[int | None] = field(default_factory=list)
+    input_shapes: list[list[int | None] | None] = field(default_factory=list)
 
     @property
     def module_name(self) -> str:
         """Submodule name: the sanitised ONNX node name, else ``<OpType>_<index>``."""
         return sanitize(self.name) or f"{self.op_type}_{self.index}"
 
+    def shape(self, i: int = 0) -> list[int | None] | None:
+        """Inferred shape of input ``i`` (None entries are symbolic dims); None when unknown."""
+        return self.input_shapes[i] if i < len(self.input_shapes) else None
+
     def rank(self, i: int = 0, default: int | None = None) -> int | None:
-        r = self.input_ranks[i] if i < len(self.input_ranks) else None
-        return r if r is not None else default
+        s = self.shape(i)
+        return len(s) if s is not None else default
 
     def label(self) -> str:
         return f"ONNX node '{self.name or self.index}' ({self.op_type})"

@@ -19,13 +19,22 @@ PyValue = int | float | list
 Value = torch.Tensor | PyValue
 
 
+_SCALARS = (int, float, torch.SymInt, torch.SymFloat)  # Sym*: sizes under torch.export
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, _SCALARS) and not isinstance(v, bool)
+
+
 def _is_py(v: Any) -> bool:
-    return isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool)
+    return _is_scalar(v) or isinstance(v, (list, tuple))
 
 
 def as_list(v: Value) -> list:
     """A shape-like value (tensor, list or scalar) as a flat python list."""
     if isinstance(v, torch.Tensor):
+        if torch.jit.is_tracing():  # sizes are traced 0-d tensors: keep them symbolic (legacy ONNX re-export)
+            return list(v.reshape(-1).unbind(0))
         return v.reshape(-1).tolist()
     if isinstance(v, (list, tuple)):
         return list(v)
@@ -60,7 +69,7 @@ def size(x: torch.Tensor) -> int:
 def gather(data: Value, indices: Value, axis: int = 0) -> Value:
     if _is_py(data) and axis == 0:
         seq = as_list(data)
-        if isinstance(indices, int) or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
+        if _is_scalar(indices) or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
             return seq[int(indices)]
         if isinstance(indices, torch.Tensor) and indices.dim() == 1 or isinstance(indices, (list, tuple)):
             return [seq[int(i)] for i in as_list(indices)]
@@ -75,7 +84,7 @@ def gather(data: Value, indices: Value, axis: int = 0) -> Value:
 
 def unsqueeze(data: Value, axes: Sequence[int]) -> Value:
     axes = list(axes)
-    if isinstance(data, (int, float)) and not isinstance(data, bool) and axes in ([0], [-1]):
+    if _is_scalar(data) and axes in ([0], [-1]):
         return [data]
     data = as_tensor(data)
     rank = data.dim() + len(axes)
@@ -105,7 +114,8 @@ def concat(*inputs: Value, axis: int = 0) -> Value:
 def cast(x: Value, dtype: torch.dtype) -> Value:
     if _is_py(x):
         if not dtype.is_floating_point and dtype != torch.bool:
-            return [int(v) for v in x] if isinstance(x, (list, tuple)) else int(x)
+            to_int = lambda v: v if isinstance(v, (int, torch.SymInt)) else int(v)  # noqa: E731  (int() would specialise a SymInt)
+            return [to_int(v) for v in x] if isinstance(x, (list, tuple)) else to_int(x)
         x = as_tensor(x)
     return x.to(dtype)
 
@@ -272,6 +282,8 @@ def _torch_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _py_div(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return a // b  # symbolic sizes are non-negative, so floor division is C truncation
     return _int_div(a, b) if isinstance(a, int) and isinstance(b, int) else a / b
 
 
@@ -316,16 +328,16 @@ def pow_(a: Value, b: Value) -> torch.Tensor:
     return out.to(a.dtype)  # ONNX Pow keeps the base's type
 
 
-def variadic(fn: Callable, *vals: Value) -> torch.Tensor:
+_VARIADIC = {"max": torch.maximum, "min": torch.minimum, "sum": torch.add}
+
+
+def variadic(op: str, *vals: Value) -> torch.Tensor:
+    """ONNX Max/Min/Sum/Mean over any number of broadcastable inputs (``op`` by name: fx prints it)."""
     tensors = _tensors(*vals)
     out = tensors[0]
     for t in tensors[1:]:
-        out = fn(out, t)
-    return out
-
-
-def mean_of(*vals: Value) -> torch.Tensor:
-    return variadic(torch.add, *vals) / len(vals)
+        out = _VARIADIC["sum" if op == "mean" else op](out, t)
+    return out / len(tensors) if op == "mean" else out
 
 
 def clip(x: torch.Tensor, lo: Value | None = None, hi: Value | None = None) -> torch.Tensor:
@@ -337,6 +349,7 @@ def clip(x: torch.Tensor, lo: Value | None = None, hi: Value | None = None) -> t
 # ---------------------------------------------------------------- reductions, matmul, softmax
 
 def reduce(x: torch.Tensor, axes: Value | None, keepdims: int = 1, noop_with_empty_axes: int = 0, op: str = "mean") -> torch.Tensor:
+    x = as_tensor(x)
     dims = [int(a) for a in as_list(axes)] if axes is not None else []
     if not dims:
         if noop_with_empty_axes:

@@ -6,6 +6,7 @@ checkpoints load strictly once their ``module.`` prefix is stripped.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -13,19 +14,39 @@ from .registry import register_model
 
 
 class PadShortcut(nn.Module):
-    """Parameter-free shortcut: ``x[:, :, ::2, ::2]`` then ``pad`` zero channels on each side."""
+    """Parameter-free option-A shortcut: ``x[:, :, ::2, ::2]`` then zero channels on both sides.
 
-    def __init__(self, pad: int, stride: int = 2):
+    After channel pruning (see ``zoo.pruning``) the output is no longer "zeros | x | zeros", so the
+    module then carries ``index``: for each output channel, the input channel it copies, or
+    ``in_channels`` for a zero channel. Unpruned, it is the plain pad (cheapest, cleanest export).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2):
         super().__init__()
-        self.pad = pad
+        if out_channels < in_channels or (out_channels - in_channels) % 2:
+            raise ValueError(f"option-A shortcut cannot map {in_channels} to {out_channels} channels")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.pad = (out_channels - in_channels) // 2
         self.stride = stride
+        # None until pruned; a None buffer stays out of state_dict, so upstream checkpoints load strictly
+        self.register_buffer("index", None)
+
+    def default_index(self) -> Tensor:
+        """The unpruned layout as an index: zeros, then the input channels in order, then zeros."""
+        zero = [self.in_channels] * self.pad
+        return torch.tensor(zero + list(range(self.in_channels)) + zero, dtype=torch.long)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
+        if self.index is None:
+            return F.pad(x, (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
+        index = self.index if self.index.device == x.device else self.index.to(x.device)
+        with_zero = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+        return with_zero.index_select(1, index)
 
     def extra_repr(self) -> str:
-        return f"pad={self.pad}, stride={self.stride}"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}" + (", pruned" if self.index is not None else "")
 
 
 class CifarBasicBlock(nn.Module):
@@ -38,7 +59,7 @@ class CifarBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = PadShortcut(planes // 4, stride)
+            self.shortcut = PadShortcut(in_planes, planes, stride)
         self.relu2 = nn.ReLU(inplace=False)
 
     def forward(self, x: Tensor) -> Tensor:
