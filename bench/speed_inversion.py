@@ -10,9 +10,18 @@ batch 64 and 256 this measures:
 * one torch.profiler run of NaturalInversion, broken down by its named ranges (``ni/...``) plus the
   top operators, to see where the time goes.
 
-Prints a table and writes ``bench/results/speed_inversion-<device>.json``.
+Timings are the best of the timed iterations; on CPU they are process CPU time, so a busy shared
+machine does not inflate them (run with OMP_NUM_THREADS=1 there: spinning intra-op threads on
+oversubscribed cores cost up to 10x). Prints a table and writes
+``bench/results/speed_inversion-<device>.json``.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/speed_inversion.py [--device cpu] [--batches 64 256]
+Findings (CPU, ResNet-56, batch 64): per iteration the generator's forward costs about one teacher
+forward and its backward about as much as the teacher's backward-to-input, so NaturalInversion is ~2x
+the bare teacher passes it needs; the statistics term is ~2% after its fused moments/backward
+(it was ~15% with autograd's ``var_mean``), the pyramid ~1%, and fused Adam keeps the generator's 8M
+weight update small.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/speed_inversion.py --threads 1 [--device cpu] [--batches 64 256]
 """
 from __future__ import annotations
 
@@ -60,8 +69,18 @@ def _sync(rt: Runtime) -> None:
         torch.cuda.synchronize(rt.device)
 
 
-def bare_teacher_ms(teacher: Teacher, rt: Runtime, batch: int, warmup: int, iters: int) -> dict[str, float]:
-    """Median ms of one no-grad forward and of one forward/backward to the input (weights frozen, as in synthesis)."""
+def _clock(rt: Runtime):
+    """Wall time on a GPU; on CPU the process's CPU time, which a busy shared machine cannot inflate by
+    descheduling us (with several intra-op threads it sums their work)."""
+    return time.perf_counter if rt.is_cuda else time.process_time
+
+
+def _summary(times_ms: list[float]) -> dict[str, float]:
+    return {"min": min(times_ms), "median": statistics.median(times_ms)}
+
+
+def bare_teacher_ms(teacher: Teacher, rt: Runtime, batch: int, warmup: int, iters: int) -> dict[str, dict[str, float]]:
+    """ms (min and median) of one no-grad forward and of one forward/backward to the input (weights frozen, as in synthesis)."""
     model = rt.prepare(teacher.module).eval()
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -84,32 +103,33 @@ def bare_teacher_ms(teacher: Teacher, rt: Runtime, batch: int, warmup: int, iter
         for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
             for _ in range(warmup):
                 fn()
-            times = []
+            times, clock = [], _clock(rt)
             for _ in range(iters):
                 _sync(rt)
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 _sync(rt)
-                times.append((time.perf_counter() - t0) * 1e3)
-            out[name] = statistics.median(times)
+                times.append((clock() - t0) * 1e3)
+            out[name] = _summary(times)
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     return out
 
 
-def method_ms(teacher: Teacher, rt: Runtime, method: str, batch: int, warmup: int, iters: int) -> float:
-    """Median ms per iteration after ``warmup`` iterations, from the synthesizer's own per-step callback.
+def method_ms(teacher: Teacher, rt: Runtime, method: str, batch: int, warmup: int, iters: int) -> dict[str, float]:
+    """ms per iteration (min and median) after ``warmup`` iterations, from the synthesizer's per-step callback.
 
-    Medians, not means: on a shared machine a single descheduled iteration would dominate a mean.
+    Not means: on a shared machine one disturbed iteration would dominate a mean.
     """
     settings = SynthesizeSettings(method=method, batch_size=batch, iterations=warmup + iters + 1)
     synth = build_synthesizer(teacher, settings, rt)
     stamps: list[float] = []
-    synth.synthesize_batch(torch.arange(batch) % teacher.num_classes, seed=0, on_step=lambda it, comp: stamps.append(time.perf_counter()))
+    clock = _clock(rt)
+    synth.synthesize_batch(torch.arange(batch) % teacher.num_classes, seed=0, on_step=lambda it, comp: stamps.append(clock()))
     # the callback runs once per iteration after a host sync, so consecutive stamps are one iteration apart
     timed = stamps[warmup:warmup + iters + 1]
-    return statistics.median((b - a) * 1e3 for a, b in zip(timed, timed[1:]))
+    return _summary([(b - a) * 1e3 for a, b in zip(timed, timed[1:])])
 
 
 def profile_naturalinversion(teacher: Teacher, rt: Runtime, batch: int, iterations: int) -> dict:
@@ -150,7 +170,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 10 on GPU, 4 on CPU)")
     ap.add_argument("--profile-batch", type=int, default=64)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (use 1 on a busy shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rt = resolve_runtime(args.device)
     warmup = args.warmup if args.warmup is not None else (5 if rt.is_cuda else 2)
@@ -161,17 +184,21 @@ def main() -> None:
         bare = bare_teacher_ms(teacher, rt, batch, warmup, iters)
         ni = method_ms(teacher, rt, "naturalinversion", batch, warmup, iters)
         di = method_ms(teacher, rt, "deepinversion", batch, warmup, iters)
-        ni_bare = bare["forward"] + bare["forward_backward"]
+        ni_bare = bare["forward"]["min"] + bare["forward_backward"]["min"]
         rows.append({
             "batch": batch,
-            "teacher_forward_ms": round(bare["forward"], 2),
-            "teacher_forward_backward_ms": round(bare["forward_backward"], 2),
-            "naturalinversion_ms_per_iter": round(ni, 2),
+            "teacher_forward_ms": round(bare["forward"]["min"], 2),
+            "teacher_forward_backward_ms": round(bare["forward_backward"]["min"], 2),
+            "naturalinversion_ms_per_iter": round(ni["min"], 2),
             "naturalinversion_bare_ms": round(ni_bare, 2),
-            "naturalinversion_ratio": round(ni / ni_bare, 3),
-            "deepinversion_ms_per_iter": round(di, 2),
-            "deepinversion_bare_ms": round(bare["forward_backward"], 2),
-            "deepinversion_ratio": round(di / bare["forward_backward"], 3),
+            "naturalinversion_ratio": round(ni["min"] / ni_bare, 3),
+            "deepinversion_ms_per_iter": round(di["min"], 2),
+            "deepinversion_bare_ms": round(bare["forward_backward"]["min"], 2),
+            "deepinversion_ratio": round(di["min"] / bare["forward_backward"]["min"], 3),
+            "medians": {"teacher_forward_ms": round(bare["forward"]["median"], 2),
+                        "teacher_forward_backward_ms": round(bare["forward_backward"]["median"], 2),
+                        "naturalinversion_ms_per_iter": round(ni["median"], 2),
+                        "deepinversion_ms_per_iter": round(di["median"], 2)},
         })
     prof = None if args.no_profile else profile_naturalinversion(teacher, rt, args.profile_batch, 3)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -179,13 +206,14 @@ def main() -> None:
         "teacher": "resnet56", "weights": origin, "device": str(rt.device), "amp_dtype": str(rt.amp_dtype),
         "channels_last": rt.channels_last, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "host": platform.node(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+        "clock": "wall" if rt.is_cuda else "process CPU time", "statistic": "min over timed iterations (medians in rows[].medians)",
         "warmup": warmup, "timed_iterations": iters, "rows": rows, "peak_rss_mib": round(peak_rss_mib, 1),
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if rt.is_cuda else None,
         "profile": prof,
     }
     header = f"{'batch':>5} {'T fwd':>8} {'T f+b':>8} {'NI ms/it':>9} {'NI bare':>8} {'NI x':>6} {'DI ms/it':>9} {'DI x':>6}"
     print(f"resnet56 ({origin}) on {rt.device}, amp={rt.amp_dtype}, {torch.get_num_threads()} threads, "
-          f"{warmup} warm + {iters} timed iterations")
+          f"{warmup} warm + {iters} timed iterations, best of {iters} in {'wall' if rt.is_cuda else 'CPU'} time")
     print(header)
     for r in rows:
         print(f"{r['batch']:>5} {r['teacher_forward_ms']:>8.1f} {r['teacher_forward_backward_ms']:>8.1f} "

@@ -15,8 +15,8 @@ from typing_extensions import Annotated
 
 from . import __version__
 from .cli_common import (AllowPickleOpt, ArchOpt, DeviceOpt, DryRunOpt, InputSizeOpt, JsonOpt, MaxDropOpt, MeanOpt,
-                         ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, Timer, before_after,
-                         command, default_output, emit_json, load_model, owned_by, resolve, vet_model_file)
+                         ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, Timer, command,
+                         default_output, emit_json, load_model, owned_by, resolve, vet_model_file)
 from .errors import GateFailed, UserError
 from .pipeline import before_after
 from .progress import log
@@ -423,7 +423,7 @@ def quantize(
     _check_max_drop(max_drop)
     timer = Timer()
     out = output or default_output("quantize")
-    with remove_if_failed(out, keep=()):
+    with remove_if_failed(out, resumable=False):
         prepare_output_dir(out, overwrite=overwrite, resumable=False)
         runtime = _runtime(settings)
         with timer.section("load"):

@@ -172,6 +172,7 @@ def vet_model_file(model: Optional[str], allow_pickle: bool) -> None:
 
 
 def _vet_pt2(path: Path) -> None:
+    import io
     import zipfile
 
     from .models.formats.detect import PT2, zip_kind
@@ -191,8 +192,6 @@ def _vet_pt2(path: Path) -> None:
                 data = z.read(info)
                 streams = data
                 if data[:4] == b"PK\x03\x04":  # a nested torch.save archive: its pickles
-                    import io
-
                     try:
                         with zipfile.ZipFile(io.BytesIO(data)) as inner:
                             streams = b"".join(inner.read(n) for n in inner.namelist() if n.endswith(".pkl"))
@@ -206,12 +205,14 @@ def _vet_pt2(path: Path) -> None:
 
 def _pt2_raw_members(z) -> set[str]:
     """Members that the archive's ``*_config.json`` files declare as raw tensor bytes (never unpickled)."""
+    import json
+
     raw: set[str] = set()
     for name in z.namelist():
         if not name.endswith("_config.json"):
             continue
         try:
-            config = __import__("json").loads(z.read(name)).get("config", {})
+            config = json.loads(z.read(name)).get("config", {})
         except (ValueError, AttributeError):
             continue
         folder = name.rsplit("/", 1)[0]
@@ -237,34 +238,6 @@ def _embedded_with(teacher, mean: Optional[list[float]], std: Optional[list[floa
     new_std = tuple(std) if std is not None else tuple(teacher.std)
     check_preprocessing(new_mean, new_std, teacher.input_shape[0])
     return dataclasses.replace(teacher, mean=new_mean, std=new_std)
-
-
-def before_after(command: str, metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The (before, after) figures of a compression stage, for the --max-drop gate and the summary.
-
-    Stages report flat metrics (``teacher_top1``/``top1``, ``params_before``/``params_after``...); this maps
-    them to one shape. Teacher agreement falls back to the held-out synthetic images when no real data was
-    given, which is what --max-drop gates on then.
-    """
-    if isinstance(metrics.get("before"), dict) or isinstance(metrics.get("after"), dict):
-        return dict(metrics.get("before") or {}), dict(metrics.get("after") or {})
-    agreement = metrics.get("agreement")
-    if agreement is None:
-        agreement = metrics.get("holdout_agreement")
-    if command == "distill":
-        before = {"top1": metrics.get("teacher_top1"), "params": metrics.get("teacher_params"), "macs": metrics.get("teacher_macs")}
-        after = {"top1": metrics.get("top1"), "agreement": agreement, "params": metrics.get("student_params"),
-                 "macs": metrics.get("student_macs")}
-    elif command == "prune":
-        before = {"top1": metrics.get("teacher_top1"), "params": metrics.get("params_before"), "macs": metrics.get("macs_before")}
-        after = {"top1": metrics.get("top1"), "agreement": agreement, "params": metrics.get("params_after"),
-                 "macs": metrics.get("macs_after")}
-    elif command == "quantize":
-        before = {"top1": metrics.get("top1_before"), "bytes": metrics.get("bytes_before")}
-        after = {"top1": metrics.get("top1_after"), "agreement": metrics.get("agreement"), "bytes": metrics.get("bytes_after")}
-    else:
-        return {}, {}
-    return ({k: v for k, v in before.items() if v is not None}, {k: v for k, v in after.items() if v is not None})
 
 
 # ---------------------------------------------------------------------------------------------

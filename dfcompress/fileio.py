@@ -184,17 +184,19 @@ def _first_missing(path: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def remove_if_failed(path: str | os.PathLike, *, enabled: bool = True, keep: tuple[str, ...] = ("run.json",)) -> Iterator[Path]:
+def remove_if_failed(path: str | os.PathLike, *, enabled: bool = True, resumable: bool = True,
+                     keep: tuple[str, ...] = ("run.json",)) -> Iterator[Path]:
     """Wrap a command that creates the output folder ``path``: if the command fails before anything
     worth keeping is written there, remove the folders this invocation created, so bad input never
-    leaves a half-made output behind. Finished files (shards, checkpoints: anything but hidden temp
-    files and ``keep``) are kept, because re-running the same command resumes from them."""
+    leaves a half-made output behind. For ``resumable`` commands finished files (shards, checkpoints:
+    anything but hidden temp files and ``keep``) are kept, because re-running the same command resumes
+    from them; a non-resumable command's partial output is useless and goes entirely."""
     out = Path(path)
     created = _first_missing(out) if enabled else None
     try:
         yield out
     except BaseException:
-        if created is not None and out.is_dir() and not _holds_content(out, keep):
+        if created is not None and out.is_dir() and (not resumable or not _holds_content(out, keep)):
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)

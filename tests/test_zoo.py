@@ -37,7 +37,7 @@ def test_registry_has_the_documented_architectures() -> None:
     expected = {
         "resnet18", "resnet34", "resnet50", "resnet18_cifar", "resnet34_cifar",
         "resnet20", "resnet32", "resnet44", "resnet56", "vgg11_bn", "vgg16_bn", "mobilenetv2",
-        "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "digits_cnn",
+        "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "digits_cnn", "digits_cnn_small",
     }
     assert expected <= set(ALL)
     assert ALL == sorted(ALL)
@@ -167,10 +167,12 @@ def test_digits_cnn_layout() -> None:
     assert (d["input_size"], d["num_classes"], d["default_in_channels"]) == (8, 10, 1)
     m = create_model("digits_cnn", num_classes=10, in_channels=1, input_size=8)
     convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128]
     assert all(c.bias is None for c in convs)
     assert sum(isinstance(mod, nn.BatchNorm2d) for mod in m.modules()) == 5
-    assert m.fc.in_features == 256
+    assert m.fc.in_features == 128
+    small = create_model("digits_cnn_small", num_classes=10, in_channels=1, input_size=8)
+    assert [c.out_channels for c in small.modules() if isinstance(c, nn.Conv2d)] == [16, 16, 32, 32, 64]
     assert m(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 

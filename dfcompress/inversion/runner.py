@@ -227,6 +227,8 @@ def _make_shard(synth, teacher: Teacher, runtime: Runtime, settings: Settings, o
                 start: int, stop: int, key: str, on_step) -> dict:
     s = settings.synthesize
     labels = shard_labels(settings.seed, k, start, stop, teacher.num_classes)
+    if hasattr(synth, "reset_memory"):
+        synth.reset_memory()  # CMI's memory bank is per shard, so a shard stays a pure function of its index
     images, logits, batches, rows = [], [], [], []
     components: list[str] = []
     retries = 0

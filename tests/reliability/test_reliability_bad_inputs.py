@@ -232,3 +232,38 @@ def test_usage_errors_are_exit_2_too(tmp_path) -> None:
     res = run_cli(["synthesize", "-n", "many", "-o", "out"], cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "--num-images" in res.stderr
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# known gaps in modules still being edited by their owners: strict xfails, so that the fix turns them
+# into failures ("XPASS(strict)") that remind whoever fixes it to drop the marker
+
+KNOWN_ISSUES = {
+    # dfcompress/models/loading.py logs "no input normalisation recorded" before checking --mean/--std
+    "loading-logs-before-mean-error": (
+        lambda c: (["inspect", c.m / "digits_sd.pt", "--arch", "digits_cnn", "--mean", "0.1,0.2"], ["one per input channel"]),
+        "models/loading.py: _preprocessing logs the 'no input normalisation recorded' line before check_preprocessing fails"),
+    # dfcompress/compress/quantize.py logs its calibration split before the synthetic set is verified
+    "quantize-logs-before-corrupted-set-error": (
+        lambda c: (["quantize", "--data", c.corrupted_set, "-o", "q"], ["is corrupted"]),
+        "compress/quantize.py logs 'calibrating on N of M synthetic images' before reading the (corrupted) set"),
+    # dfcompress/models/formats/probe.py: a feature-map model without --input-shape is blamed on the input size
+    "conv-only-torchscript-without-input-shape": (
+        lambda c: (["inspect", c.m / "conv_only.torchscript.pt"], ["not a classifier"]),
+        "models/formats/probe.py: resolve_input_shape says 'accepted none of the probed input sizes' for a non-classifier"),
+    # dfcompress/models/formats/onnx_file.py: external data outside the model folder is reported as file damage
+    "onnx-external-data-reported-as-damage": (
+        lambda c: (["inspect", c.m / "traversal.onnx"], ["outside"]),
+        "models/formats/onnx_file.py: read_onnx wraps onnx's path-traversal refusal in 'truncated or corrupted; re-download'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KNOWN_ISSUES))
+def test_known_issue(case: str, materials, tiny_set, corrupted_set, in_tmp, request) -> None:
+    build, reason = KNOWN_ISSUES[case]
+    request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+    ctx = Ctx(m=materials, tmp=in_tmp, tiny_set=tiny_set, corrupted_set=corrupted_set)
+    args, needles = build(ctx)
+    res = invoke(args)
+    line = assert_one_line_error(args, res, needles)
+    assert "truncated or corrupted" not in line

@@ -47,9 +47,8 @@ def test_quality_gate_reads_the_distill_metrics(reference_student: Path) -> None
     import pytest
 
     from dfcompress.cli import _gate
-    from dfcompress.cli_common import before_after
     from dfcompress.errors import GateFailed
-    from dfcompress.pipeline import quality_drop
+    from dfcompress.pipeline import before_after, quality_drop
 
     metrics = json.loads((reference_student / "report.json").read_text())["metrics"]
     before, after = before_after("distill", metrics)

@@ -41,12 +41,17 @@ def test_absurd_learning_rate_retries_then_stops_without_writing(in_tmp: Path) -
     assert not (in_tmp / "out" / "manifest.json").exists()
 
 
-# lr_generator values around the divergence threshold of NaturalInversion on the digits teacher: some
-# batch seeds diverge, their retries (new seeds) do not. Scanned in order; the first that shows retries is used.
-BORDERLINE_LR = [6e17, 4e17, 8e17, 5e17, 7e17, 1e18, 3e17, 1.5e18, 2e17, 2.5e18]
+def _run_with_lr(folder: Path, tag: str, lr: float):
+    prof = _profile(folder, tag, {"lr_generator": lr, "max_retries": 6})
+    args = ["synthesize", "-o", tag, "--profile", prof, "-n", "16", "--batch-size", "8", "--iterations", "3", "--seed", "0"]
+    res = invoke(args)
+    retries = json.loads(res.stdout)["retries"] if res.exit_code == 0 else None
+    return prof, folder / tag, res, retries
 
 
 def test_nan_batch_is_retried_with_a_new_seed_reported_and_never_written(in_tmp: Path) -> None:
+    """Find, by bisection on log10(lr_generator), a learning rate at NaturalInversion's divergence threshold: there
+    some batch seeds diverge and their retries (new seeds) do not. 1e3 never diverges, 1e30 always does."""
     from dfcompress.device import resolve_runtime
     from dfcompress.errors import NumericalError
     from dfcompress.inversion.runner import shard_labels, shard_ranges, stable_seed
@@ -54,16 +59,22 @@ def test_nan_batch_is_retried_with_a_new_seed_reported_and_never_written(in_tmp:
     from dfcompress.models.embedded import embedded_teacher
     from dfcompress.settings import resolve_settings
 
-    found = None
-    for i, lr in enumerate(BORDERLINE_LR):
-        prof = _profile(in_tmp, f"lr{i}", {"lr_generator": lr, "max_retries": 6})
-        args = ["synthesize", "-o", f"out{i}", "--profile", prof, "-n", "16", "--batch-size", "8", "--iterations", "3", "--seed", "0"]
-        res = invoke(args)
-        if res.exit_code == 0 and json.loads(res.stdout)["retries"] > 0:
-            found = (prof, in_tmp / f"out{i}", res)
+    lo, hi = 3.0, 30.0  # log10 of a calm and of a diverging learning rate
+    found, tried = None, []
+    for step in range(16):
+        exponent = (lo + hi) / 2
+        prof, out, res, retries = _run_with_lr(in_tmp, f"lr{step}", 10.0 ** exponent)
+        tried.append((round(exponent, 3), retries))
+        if retries is None:
+            assert res.exit_code == 1 and "NaN/inf in all 7 attempts" in res.stderr, res.stderr
+            hi = exponent
+        elif retries == 0:
+            lo = exponent
+        else:
+            found = (prof, out, res)
             break
     if found is None:
-        pytest.fail(f"none of lr_generator {BORDERLINE_LR} produced a retried batch; re-tune BORDERLINE_LR")
+        pytest.fail(f"no lr_generator between 1e3 and 1e30 gave a retried-then-successful batch; tried {tried}")
     prof, out, res = found
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())

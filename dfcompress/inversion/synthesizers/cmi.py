@@ -99,7 +99,7 @@ class ContrastiveModelInversion(Synthesizer):
         c, h, w = self.teacher.input_shape
         index = losses.ClassIndex(y)
 
-        gen = rt.prepare(seeded_module(derive_seed(rng), lambda: ConditionalGenerator(s.latent_dim, self.teacher.num_classes, c, h, w)))
+        gen = rt.prepare(seeded_module(derive_seed(rng), lambda: ConditionalGenerator(s.latent_dim, self.teacher.num_classes, c, h, w, base=s.generator_width)))
         head_seed = derive_seed(rng)
         z = torch.randn(b, s.latent_dim, generator=rng).to(dev).requires_grad_(True)
         onehot = F.one_hot(y, self.teacher.num_classes).float()

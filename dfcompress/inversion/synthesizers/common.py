@@ -28,7 +28,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     Gradients flow to the *input* only: this saves the weight-gradient half of every backward pass and
     leaves no ``.grad`` on the teacher, and BN layers use their running statistics, never batch ones.
     """
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]
     params = list(module.parameters())
     flags = [p.requires_grad for p in params]
     module.eval()
@@ -39,7 +39,8 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-        module.train(was_training)
+        for m, training in modes:  # per submodule: restores mixed train/eval states exactly
+            m.training = training
 
 
 def derive_seed(generator: torch.Generator) -> int:

@@ -12,6 +12,7 @@ before them, unlike every other method.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -101,9 +102,7 @@ class DeepInversion(Synthesizer):
         assert keeper.images is not None
         return BatchResult(images01=to_pixels(self.teacher, keeper.images), history=history, best_loss=keeper.best_loss())
 
-    def _frozen_student(self):
-        import contextlib
-
+    def _frozen_student(self) -> contextlib.AbstractContextManager:
         return frozen(self.student) if self.student is not None else contextlib.nullcontext(None)
 
     # ------------------------------------------------------------------------------------------
