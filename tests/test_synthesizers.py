@@ -306,13 +306,15 @@ def test_generator_is_sized_from_the_input(size, expected):
 def test_generator_matches_table_6_at_32px():
     gen = ConditionalGenerator(1024, 10, 3, 32, 32)
     assert gen.fc.in_features == 1034 and gen.fc.out_features == 128 * 8 * 8
-    convs = [m for m in gen.blocks if isinstance(m, nn.Conv2d)]
+    convs = [m for m in gen.blocks.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(128, 128), (128, 64), (64, 3)]
+    out = gen(gen.latent(torch.randn(2, 1024), torch.tensor([0, 1])))
+    assert out.shape == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_pyramid_builds_on_every_zoo_architecture(name):
-    shape = (1, 8, 8) if name == "digits_cnn" else (3, 32, 32)
+    shape = (1, 8, 8) if name.startswith("digits_cnn") else (3, 32, 32)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = create_model(name, num_classes=10, in_channels=shape[0], input_size=shape[1]).eval()
@@ -387,3 +389,22 @@ def test_converted_onnx_teacher_with_class_conditional_stats(shared_dir):
     synth = build_synthesizer(teacher, SynthesizeSettings(iterations=2, latent_dim=64), CPU, stats)
     res = synth.synthesize_batch(torch.arange(4), seed=0)
     assert res.images01.shape == (4, 3, 32, 32) and res.history[0]["bn"] > 0
+
+
+def test_upsample_conv_equals_nearest_upsample_then_conv():
+    """The generator's fused resize-conv is the same function as table 6's Upsample x2 + Conv 3x3."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dfcompress.inversion.generator import upsample2_conv3x3
+
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, 1, 1)
+    x = torch.randn(2, 5, 4, 6, generator=g, requires_grad=True)
+    ref = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    out = upsample2_conv3x3(x, conv)
+    assert out.shape == ref.shape == (2, 7, 8, 12)
+    assert torch.allclose(out, ref, atol=1e-5)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    assert torch.allclose(gx, gx_ref, atol=1e-4)

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # tiny, fast settings (ci-smoke profile + flags); the embedded digits teacher when MODEL is omitted
 TINY_SYNTH = ["--profile", "ci-smoke", "--iterations", "2", "-n", "16", "--batch-size", "8"]
-# the reference synthesize run: 6 shards of 8 images, long enough per shard to be killed inside one
-SYNTH_ARGS = ["--profile", "ci-smoke", "-n", "48", "--batch-size", "8", "--iterations", "20", "--seed", "5"]
+# the reference synthesize run: 8 shards of 8 images, long enough per shard to be killed inside one
+SYNTH_ARGS = ["--profile", "ci-smoke", "-n", "64", "--batch-size", "8", "--iterations", "20", "--seed", "5"]
 KD_PROFILE = """description: reliability suite - a small KD run with several epochs to kill
 distill:
   student: wrn_16_1
