@@ -43,6 +43,15 @@ def model_metadata(teacher: Any) -> dict[str, Any]:
     }
 
 
+def set_onnx_metadata(proto: Any, key: str, value: str) -> None:
+    """Set one metadata_props entry, replacing an inherited one: ONNX rejects duplicate keys."""
+    for entry in list(proto.metadata_props):
+        if entry.key == key:
+            proto.metadata_props.remove(entry)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
 def cpu_copy(module: nn.Module) -> nn.Module:
     """An fp32, contiguous-format, eval-mode CPU copy: exports must not depend on the training device."""
     inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
@@ -148,8 +157,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tm
         raise UserError(f"ONNX export failed: {first[:300]}; try --format pt2 or torchscript") from None
     proto = onnx.load(str(tmp))
     onnx.checker.check_model(proto)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(meta)
+    set_onnx_metadata(proto, META_KEY, json.dumps(meta))
     onnx.save(proto, str(tmp))
     session = onnx_session(tmp)
     got = run_onnx(session, check)

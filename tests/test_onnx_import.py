@@ -596,3 +596,33 @@ def test_unproduced_optional_output_is_a_clear_error():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
     with pytest.raises(UserError, match="'mask' of ONNX node 'drop' \\(Dropout\\)"):
         onnx_to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_qdq_int8_model_from_onnxruntime_quantization_matches_onnxruntime(tmp_path):
+    """INT8 QDQ files (what `dfcompress quantize` writes) convert too, simulating the integer maths."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    torch.onnx.export(model, torch.randn(1, 3, 8, 8), str(fp32), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    gm = onnx_to_torch(int8)
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    ours = gm(torch.from_numpy(x)).detach().numpy()
+    ref = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(ours - ref).max() < 1e-4

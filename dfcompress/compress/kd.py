@@ -234,6 +234,8 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
         start, history = int(state["epoch"]), json.loads(state["history"])
         if start < epochs:
             log(f"{desc}: resuming from epoch {start}/{epochs} ({ckpt_path})")
+        else:
+            log(f"{desc}: resuming finds all {epochs} epochs done ({ckpt_path}); nothing to train")
     t_start = time.perf_counter()
     task = progress.add_task(desc, total=max(0, epochs - start) * steps, info="") if progress is not None else None
     for epoch in range(start, epochs):

@@ -142,7 +142,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
 
     from ..data.synthetic import SyntheticSet
     from ..evaluate import agreement, onnx_logits, top1
-    from ..export import META_KEY, model_metadata, onnx_session
+    from ..export import META_KEY, model_metadata, onnx_session, set_onnx_metadata
     from ..models.model_dir import DESCRIPTOR, write_descriptor
 
     qs = settings.quantize
@@ -171,8 +171,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
                 weight_type=QuantType.QInt8, calibrate_method=_calibration_method(qs.calibrate_method),
             )
             proto = onnx.load(str(target))
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = META_KEY, json.dumps(model_metadata(like))
+            set_onnx_metadata(proto, META_KEY, json.dumps(model_metadata(like)))
             onnx.save(proto, str(target))
             onnx_session(target, prefer_cuda=False)  # the INT8 file must load before it replaces anything
 

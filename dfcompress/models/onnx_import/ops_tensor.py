@@ -247,3 +247,21 @@ for _op, _kind in _REDUCE.items():
 def arg_reduce(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
     return [b.call(runtime.arg_reduce, inputs[0], int(n.attrs.get("axis", 0)), int(n.attrs.get("keepdims", 1)),
                    int(n.attrs.get("select_last_index", 0)), n.op_type == "ArgMax")]
+
+
+@register("QuantizeLinear")
+def quantize_linear(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
+    """QDQ (INT8) graphs from onnxruntime.quantization simulate integer arithmetic exactly in float32."""
+    x, scale = inputs[0], inputs[1]
+    zero_point = inputs[2] if len(inputs) > 2 else None
+    if "output_dtype" in n.attrs and int(n.attrs["output_dtype"]) != 0:
+        dtype = torch_dtype(int(n.attrs["output_dtype"]))
+    else:
+        dtype = zero_point.dtype if isinstance(zero_point, torch.Tensor) else torch.uint8
+    return [b.call(runtime.quantize_linear, x, scale, zero_point, int(n.attrs.get("axis", 1)), dtype)]
+
+
+@register("DequantizeLinear")
+def dequantize_linear(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
+    zero_point = inputs[2] if len(inputs) > 2 else None
+    return [b.call(runtime.dequantize_linear, inputs[0], inputs[1], zero_point, int(n.attrs.get("axis", 1)))]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -403,3 +403,27 @@ def softmax_2d(x: torch.Tensor, axis: int = 1, log: bool = False) -> torch.Tenso
     flat = flatten(x, axis)
     out = torch.log_softmax(flat, dim=1) if log else torch.softmax(flat, dim=1)
     return out.reshape(x.shape)
+
+
+def _per_axis(p: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A QDQ scale/zero-point: scalar, or 1-D along ``axis`` (per-channel weights)."""
+    if p.dim() == 0 or p.numel() == 1:
+        return p.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return p.reshape(shape)
+
+
+def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], axis: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
+    zp = _per_axis(zero_point, x, axis).to(torch.float32) if zero_point is not None else 0.0
+    info = torch.iinfo(dtype)
+    q = torch.clamp(torch.round(x / _per_axis(scale, x, axis)) + zp, info.min, info.max)
+    return q.to(dtype)
+
+
+def dequantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], axis: int) -> torch.Tensor:
+    """ONNX DequantizeLinear: (x - zero_point) * scale, in float32."""
+    zp = _per_axis(zero_point, x, axis).to(torch.float32) if zero_point is not None else 0.0
+    return (x.to(torch.float32) - zp) * _per_axis(scale, x, axis)

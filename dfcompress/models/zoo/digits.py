@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .init import init_weights
 from .registry import register_model
 
 
@@ -32,12 +33,7 @@ class DigitsCNN(nn.Module):
         self.stage3 = nn.Sequential(*_cbr(2 * w, 4 * w))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool2(self.stage2(self.pool1(self.stage1(x))))
