@@ -16,7 +16,7 @@ from typing_extensions import Annotated
 from . import __version__
 from .cli_common import (AllowPickleOpt, ArchOpt, DeviceOpt, DryRunOpt, InputSizeOpt, JsonOpt, MaxDropOpt, MeanOpt,
                          ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, Timer, command,
-                         default_output, emit_json, load_model, owned_by, resolve, vet_model_file)
+                         default_output, emit_json, load_model, owned_by, resolve)
 from .errors import GateFailed, UserError
 from .pipeline import before_after
 from .progress import log
@@ -545,7 +545,6 @@ def eval_(
     teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
     reference = None
     if against:
-        vet_model_file(None if against == "embedded" else against, allow_pickle)
         reference = load_teacher(None if against == "embedded" else against, allow_pickle=allow_pickle)
         if tuple(reference.input_shape) != tuple(teacher.input_shape) or reference.num_classes != teacher.num_classes:
             raise UserError(f"--against model takes {list(reference.input_shape)}/{reference.num_classes} classes but MODEL takes "

@@ -110,7 +110,9 @@ def parse_shape(text: Optional[str]) -> Optional[tuple[int, int, int]]:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise UserError(f"--input-shape takes CxHxW such as 3x32x32; got {text!r}")
-    return shape  # type: ignore[return-value]
+    from .models.formats.probe import validate_input_shape
+
+    return validate_input_shape(shape)  # type: ignore[arg-type]
 
 
 def resolve(profile: Optional[str], overrides: dict[str, Any], dry_run: bool, save_config: Optional[Path]) -> Settings:
@@ -141,85 +143,10 @@ def load_model(model: Optional[str], arch: Optional[str], allow_pickle: bool, me
     mean_v = parse_floats(mean, "--mean") or (settings.preprocess.mean if settings else None)
     std_v = parse_floats(std, "--std") or (settings.preprocess.std if settings else None)
     shape = parse_shape(input_shape)
-    vet_model_file(model, allow_pickle)
     teacher = load_teacher(model, arch=arch, allow_pickle=allow_pickle, mean=mean_v, std=std_v, input_shape=shape)
     if model is None:
         teacher = _embedded_with(teacher, mean_v, std_v, shape)
     return teacher
-
-
-def vet_model_file(model: Optional[str], allow_pickle: bool) -> None:
-    """Defence in depth before any reader runs: a ``.pt2`` archive must not carry a pickle that names
-    arbitrary Python callables in a member that ``torch.export.load`` would unpickle.
-
-    The readers vet archives too; this static check (``pickletools`` only, nothing is executed) also
-    covers protocol 0/1 pickles, which do not start with the 0x80 marker, and members that an
-    archive's own config declares as pickled. A model folder's listed files are vetted the same way.
-    """
-    if model is None or allow_pickle:
-        return
-    path = Path(model).expanduser()
-    candidates: list[Path] = []
-    if path.is_dir():
-        desc = _read_json(path / "dfcompress.json")
-        files = desc.get("files") if isinstance(desc, dict) else None
-        if isinstance(files, dict):
-            candidates = [path / name for name in files.values() if isinstance(name, str) and (path / name).is_file()]
-    elif path.is_file():
-        candidates = [path]
-    for candidate in candidates:
-        _vet_pt2(candidate)
-
-
-def _vet_pt2(path: Path) -> None:
-    import io
-    import zipfile
-
-    from .models.formats.detect import PT2, zip_kind
-    from .models.formats.pickled import pickle_refusal, unsafe_globals
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return
-        with zipfile.ZipFile(path) as z:
-            if zip_kind(z.namelist()) != PT2:
-                return
-            raw = _pt2_raw_members(z)
-            for info in z.infolist():
-                if info.is_dir() or info.filename in raw or info.filename.endswith(".json"):
-                    continue
-                data = z.read(info)
-                streams = data
-                if data[:4] == b"PK\x03\x04":  # a nested torch.save archive: its pickles
-                    try:
-                        with zipfile.ZipFile(io.BytesIO(data)) as inner:
-                            streams = b"".join(inner.read(n) for n in inner.namelist() if n.endswith(".pkl"))
-                    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-                        continue  # damage is for the reader to report
-                if unsafe_globals(streams):
-                    raise pickle_refusal(str(path))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return  # not readable as an archive: the format readers report that in their own words
-
-
-def _pt2_raw_members(z) -> set[str]:
-    """Members that the archive's ``*_config.json`` files declare as raw tensor bytes (never unpickled)."""
-    import json
-
-    raw: set[str] = set()
-    for name in z.namelist():
-        if not name.endswith("_config.json"):
-            continue
-        try:
-            config = json.loads(z.read(name)).get("config", {})
-        except (ValueError, AttributeError):
-            continue
-        folder = name.rsplit("/", 1)[0]
-        for meta in config.values() if isinstance(config, dict) else ():
-            if isinstance(meta, dict) and meta.get("use_pickle") is False and isinstance(meta.get("path_name"), str):
-                raw.add(f"{folder}/{meta['path_name']}")
-    return raw
 
 
 def _embedded_with(teacher, mean: Optional[list[float]], std: Optional[list[float]], shape):

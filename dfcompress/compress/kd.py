@@ -291,7 +291,7 @@ def _run_epoch(model: nn.Module, teacher: Any, teacher_module: nn.Module, loader
             s_logits = model(x)
         loss = kd_loss(s_logits, t_logits, cfg.temperature)
         if not torch.isfinite(loss):
-            raise NumericalError(f"KD loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; lower the learning rate (--lr)")
+            raise NumericalError(f"KD loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; lower the learning rate (profile key distill.lr, or prune.lr when fine-tuning)")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -153,6 +153,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
     dataset = SyntheticSet(synth_dir)
     if tuple(dataset.input_shape) != tuple(like.input_shape):
         raise UserError(f"the synthetic set holds {tuple(dataset.input_shape)} images but the model takes {tuple(like.input_shape)}")
+    dataset.verify()
     calib_idx, hold_idx = _split(len(dataset), qs.calibration_images, settings.seed)
     input_name = onnx_session(fp32_file, prefer_cuda=False).get_inputs()[0].name
 

@@ -261,11 +261,14 @@ class SyntheticSet(Dataset):
         h = self._handle(k)
         return h.get_tensor("images"), h.get_tensor("labels"), h.get_tensor("logits")
 
+    def verify(self) -> None:
+        """Check every shard against the manifest now (streaming, one at a time), not on first use:
+        a command that would otherwise log progress first fails with one clear line instead."""
+        for k in range(self.num_shards):
+            self._check(k)
+
     # -- internals ------------------------------------------------------------------------------
-    def _handle(self, k: int):
-        if k in self._open:
-            self._open.move_to_end(k)
-            return self._open[k]
+    def _check(self, k: int) -> Path:
         entry = self._shards[k]
         path = self.dir / entry["file"]
         if not path.is_file():
@@ -274,6 +277,13 @@ class SyntheticSet(Dataset):
             if sha256_file(path) != entry["sha256"]:
                 raise UserError(f"shard {path} is corrupted (sha256 does not match manifest.json); delete it and re-run the same `dfcompress synthesize` command to regenerate it")
             self._verified.add(k)
+        return path
+
+    def _handle(self, k: int):
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        path = self._check(k)
         handle = safe_open(str(path), framework="pt", device="cpu")
         self._open[k] = handle
         while len(self._open) > self.max_open:

@@ -181,10 +181,10 @@ def finish(
 
 def _preprocessing(loaded: Loaded, channels: int, mean, std, label: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     d_mean, d_std = default_preprocessing(channels)
+    m = tuple(float(v) for v in (mean if mean is not None else loaded.mean if loaded.mean is not None else d_mean))
+    s = tuple(float(v) for v in (std if std is not None else loaded.std if loaded.std is not None else d_std))
+    check_preprocessing(m, s, channels)  # before any log line: a bad flag gets exactly one line
     if mean is None and loaded.mean is None or std is None and loaded.std is None:
         which = "ImageNet mean/std" if channels == 3 else "mean 0.5 / std 0.5"
         log(f"{label}: no input normalisation recorded; assuming {which} — pass --mean/--std if it was trained with other values")
-    m = tuple(float(v) for v in (mean if mean is not None else loaded.mean if loaded.mean is not None else d_mean))
-    s = tuple(float(v) for v in (std if std is not None else loaded.std if loaded.std is not None else d_std))
-    check_preprocessing(m, s, channels)
     return m, s

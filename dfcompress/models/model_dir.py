@@ -67,7 +67,8 @@ def save_model_dir(out_dir: str | Path, module: nn.Module, teacher: Any, created
     for kind in kinds:
         name = FILE_NAMES[kind]
         if kind == "state_dict":
-            st_meta = {"arch": str(arch), "dfcompress": json.dumps(meta)}
+            # one metadata key: safetensors does not keep the order of several, so bytes would vary per process
+            st_meta = {"dfcompress": json.dumps({**meta, "arch": str(arch)}, sort_keys=True)}
             atomic_write_bytes(out / name, state_dict_bytes(module, st_meta))
         else:
             images = check_images if check_images is not None else _random_check_images(teacher)

@@ -235,10 +235,9 @@ def test_usage_errors_are_exit_2_too(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# known gaps in modules still being edited by their owners: strict xfails, so that the fix turns them
-# into failures ("XPASS(strict)") that remind whoever fixes it to drop the marker
+# cases that were open gaps when this suite was written (each fixed since; kept as regular cases)
 
-KNOWN_ISSUES = {
+FIXED_ISSUES = {
     # dfcompress/models/loading.py logs "no input normalisation recorded" before checking --mean/--std
     "loading-logs-before-mean-error": (
         lambda c: (["inspect", c.m / "digits_sd.pt", "--arch", "digits_cnn", "--mean", "0.1,0.2"], ["one per input channel"]),
@@ -258,10 +257,9 @@ KNOWN_ISSUES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(KNOWN_ISSUES))
-def test_known_issue(case: str, materials, tiny_set, corrupted_set, in_tmp, request) -> None:
-    build, reason = KNOWN_ISSUES[case]
-    request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+@pytest.mark.parametrize("case", sorted(FIXED_ISSUES))
+def test_formerly_known_issue(case: str, materials, tiny_set, corrupted_set, in_tmp) -> None:
+    build, _reason = FIXED_ISSUES[case]
     ctx = Ctx(m=materials, tmp=in_tmp, tiny_set=tiny_set, corrupted_set=corrupted_set)
     args, needles = build(ctx)
     res = invoke(args)

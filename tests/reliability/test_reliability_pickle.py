@@ -225,9 +225,6 @@ def test_onnx_python_op_is_refused(tmp_path: Path, monkeypatch) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="models/formats/exported.py vet_archive only inspects members starting with 0x80 or "
-                                       "PK, so a protocol-0/1 pickle reaches torch.export.load's weights_only=False fallback; "
-                                       "the CLI's vet_model_file blocks it, the library API load_teacher does not yet")
 @pytest.mark.parametrize("case", ["pt2-sample-inputs-proto0-pickle", "pt2-weight-declared-pickled"])
 def test_library_api_refuses_proto0_pickle_in_pt2(case: str, tmp_path: Path) -> None:
     from dfcompress.errors import UserError

@@ -105,10 +105,26 @@ def detect_format(path: str | os.PathLike) -> str:
         return ONNX
     if onnx_guess == "corrupt":
         raise UserError(f"{p} looks like an ONNX model but cannot be parsed: it is truncated or corrupted; re-download or re-export it")
+    if _is_old_protocol_pickle(p, size):
+        return PICKLE
     raise UserError(
         f"{p} is not a recognised model file (expected a PyTorch checkpoint/state_dict, TorchScript, .pt2, ONNX or "
         "safetensors file, or a dfcompress model folder)"
     )
+
+
+def _is_old_protocol_pickle(p: Path, size: int, limit: int = 64 << 20) -> bool:
+    """Protocol 0/1 pickles have no 0x80 marker: parse the opcodes (nothing is executed) to recognise
+    them, so they are refused with the --allow-pickle hint rather than called unknown."""
+    import pickletools
+
+    if size > limit:
+        return False
+    try:
+        ops = list(pickletools.genops(p.read_bytes()))
+    except Exception:  # not a (complete) pickle stream
+        return False
+    return len(ops) > 1 and ops[-1][0].name == "STOP"
 
 
 def _is_descriptor_file(p: Path) -> bool:

@@ -20,7 +20,7 @@ import torch
 from ...errors import UserError
 from .common import Loaded, corrupted, first_line, metadata_fields
 from .fx_modules import modularize
-from .pickled import pickle_refusal, safe_torch_load
+from .pickled import pickle_refusal, safe_torch_load, unsafe_globals
 
 PARITY_ATOL = 1e-4
 _RISKY_PREFIXES = ("opaque",)
@@ -59,8 +59,22 @@ def vet_archive(path: Path, *, allow_pickle: bool, label: str) -> None:
                 data = z.read(info)
                 if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
                     safe_torch_load(data, allow_pickle=False, label=label, what="a .pt2 archive")
+                # protocol 0/1 pickles carry no 0x80 marker, yet torch.export.load's fallback unpickles them
+                if not info.filename.endswith(".json") and unsafe_globals(_pickle_streams(data)):
+                    raise pickle_refusal(label)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise corrupted(label, "a .pt2 archive", exc) from None
+
+
+def _pickle_streams(data: bytes) -> bytes:
+    """The pickle bytes of one archive member: itself, or the .pkl members of a nested torch.save zip."""
+    if data[:4] != b"PK\x03\x04":
+        return data
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+            return b"".join(inner.read(n) for n in inner.namelist() if n.endswith(".pkl"))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return b""  # damage is reported by the loader in its own words
 
 
 def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:

@@ -19,6 +19,10 @@ def read_onnx(path: Path, label: str):
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # DecodeError, missing external data, ...
+        text = first_line(exc)
+        if "outside" in text or "external" in text.lower():
+            raise UserError(f"{label} refers to external weight data that cannot be read ({text}); keep the weights "
+                            "inside the model's folder, or re-export as one file") from None
         raise corrupted(label, "an ONNX model", exc) from None
     try:
         onnx.checker.check_model(model)

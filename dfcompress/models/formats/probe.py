@@ -18,13 +18,13 @@ from .common import first_conv_in_channels, first_line
 PROBE_SIZES = (32, 224, 28, 64, 8)
 
 
-def _runs(forward: Callable[[torch.Tensor], object], shape: tuple[int, int, int]) -> bool:
+def _probe(forward: Callable[[torch.Tensor], object], shape: tuple[int, int, int]) -> object:
+    """The output for a batch of 2 at ``shape``, or None when the model does not run at that size."""
     try:
         with torch.no_grad():
-            out = forward(torch.zeros(2, *shape))
+            return forward(torch.zeros(2, *shape))
     except Exception:
-        return False
-    return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2
+        return None
 
 
 def check_channels(module: nn.Module, shape: tuple[int, int, int], label: str) -> None:
@@ -55,13 +55,24 @@ def resolve_input_shape(
     if default_size is not None:
         return (channels, default_size, default_size), "arch default"
     forward = forward or module
+    ran_unlike_classifier = None
     for size in PROBE_SIZES:
         shape = (channels, size, size)
-        if _runs(forward, shape):
+        out = _probe(forward, shape)
+        if isinstance(out, torch.Tensor) and out.dim() != 2:
+            ran_unlike_classifier = ran_unlike_classifier or (size, tuple(out.shape))
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2:
             log(f"{label}: input shape not recorded in the file; assuming {channels}x{size}x{size} (the first probed size "
                 "that runs); pass --input-shape C,H,W if that is wrong")
             return shape, "probe"
+    if ran_unlike_classifier:
+        size, got = ran_unlike_classifier
+        raise UserError(f"{label} is not a classifier: at {channels}x{size}x{size} it returns shape {list(got)}, not [N, classes]; "
+                        "dfcompress compresses image classifiers")
     raise UserError(f"{label} accepted none of the probed input sizes {list(PROBE_SIZES)} with {channels} channel(s); pass --input-shape C,H,W")
+
+
+MAX_CHANNELS, MAX_SIDE = 16, 2048
 
 
 def validate_input_shape(flag: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -71,6 +82,10 @@ def validate_input_shape(flag: tuple[int, int, int]) -> tuple[int, int, int]:
         raise UserError(f"--input-shape must be three positive integers C,H,W, got {flag!r}") from None
     if len(shape) != 3 or any(v <= 0 for v in shape):
         raise UserError(f"--input-shape must be three positive integers C,H,W, got {flag!r}")
+    if shape[0] > MAX_CHANNELS or max(shape[1:]) > MAX_SIDE:
+        # probing runs the model on this size: an absurd shape would exhaust memory instead of failing
+        raise UserError(f"--input-shape {'x'.join(map(str, shape))} is larger than dfcompress handles "
+                        f"(at most {MAX_CHANNELS} channels and {MAX_SIDE} px a side)")
     return shape  # type: ignore[return-value]
 
 
