@@ -21,7 +21,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip install "$TORCH_SPEC" || pip install torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv/torch-constraint.txt
+.venv/bin/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > .venv/torch-constraint.txt
 pip install -c .venv/torch-constraint.txt -e ".[${EXTRAS}]"
 .venv/bin/python - <<'PY'
 import importlib.metadata as md

@@ -63,26 +63,26 @@ def test_kd_config_takes_missing_fields_from_fallback():
 
 def test_distill_student_agrees_with_teacher(tmp_path, teacher, synth_dir):
     settings = fast_settings(**{"distill.epochs": 3, "distill.batch_size": 32, "distill.lr": 0.1,
-                                "distill.student": "resnet20"})
+                                "distill.student": "digits_cnn_small"})
     data = digits_test_data()
     m = distill(teacher, None, synth_dir, settings, tmp_path / "out", CPU, eval_data=data)
     # chance is 10%: a student that learned nothing from the teacher cannot pass this
     assert m["agreement"] > 60.0 and m["top1"] > 60.0, m
     assert m["holdout_agreement"] > 50.0
     assert m["teacher_top1"] > 90.0
-    assert m["student"] == "resnet20" and m["student_params"] < m["teacher_params"]
+    assert m["student"] == "digits_cnn_small" and m["student_params"] < m["teacher_params"]
     assert m["student_macs"] > 0 and m["teacher_macs"] > m["student_macs"]
     losses = [h["loss"] for h in m["history"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     desc = read_model_dir(tmp_path / "out")
-    assert desc["created_by"] == "distill" and desc["arch"] == "resnet20"
+    assert desc["created_by"] == "distill" and desc["arch"] == "digits_cnn_small"
     assert set(desc["files"]) == {"state_dict", "onnx"}
     assert desc["input_shape"] == [1, 8, 8] and desc["num_classes"] == 10 and desc["mean"] == list(teacher.mean)
     assert desc["exports"]["onnx"]["max_abs_diff"] < 1e-3
     # the state_dict reloads into the zoo architecture and reproduces the student
     from safetensors.torch import load_file
 
-    _, fresh = build_student("resnet20", teacher, seed=123)
+    _, fresh = build_student("digits_cnn_small", teacher, seed=123)
     fresh.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")))
     assert json.loads((tmp_path / "out" / "dfcompress.json").read_text())["teacher_sha256"] == teacher.sha256
 

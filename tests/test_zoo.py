@@ -147,7 +147,7 @@ def test_stages_of_cifar_models() -> None:
     assert [(s.name, s.channels, s.height) for s in stages] == [
         ("layer1.2.relu2", 16, 32), ("layer2.2.relu2", 32, 16), ("layer3.2.relu2", 64, 8)]
     digits = probe_stages(create_model("digits_cnn", in_channels=1, input_size=8), (1, 8, 8))
-    assert [(s.channels, s.height) for s in digits] == [(64, 8), (128, 4), (256, 2)]
+    assert [(s.channels, s.height) for s in digits] == [(32, 8), (64, 4), (128, 2)]
 
 
 def test_wrn_and_cifar_resnet_key_names() -> None:
