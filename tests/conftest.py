@@ -21,6 +21,15 @@ def shared_dir() -> Path:
     return SHARED / "data"
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tests of many tiny tensors: a second intra-op thread gains nothing and spin-waits on a busy box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

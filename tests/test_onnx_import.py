@@ -23,13 +23,7 @@ AKAMASTER = ["resnet20", "resnet32", "resnet44", "resnet56"]
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops: a second intra-op thread only spin-waits on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: extra threads only spin
 
 
 def _session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:

@@ -41,13 +41,7 @@ def _tiny_bn_cnn() -> nn.Sequential:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: extra threads only spin
 
 
 @pytest.fixture(scope="module")
