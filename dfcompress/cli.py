@@ -245,7 +245,7 @@ def synthesize(
     """
     from .distributed import distributed_context
     from .fileio import prepare_output_dir, remove_if_failed, remove_stale_temps
-    from .pipeline import check_teacher_has_statistics, load_stats, run_synthesis
+    from .pipeline import check_teacher_has_statistics, load_stats, run_synthesis, teacher_agreement_with_targets
 
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
                                  "synthesize.method": method, "synthesize.iterations": iterations,
@@ -271,7 +271,7 @@ def synthesize(
         remove_stale_temps(out)
         metrics = {"num_images": manifest["num_images"], "counts_per_class": manifest["counts_per_class"],
                    "retries": sum(int(s.get("retries", 0)) for s in manifest["shards"]),
-                   "teacher_top1_on_targets": manifest.get("teacher_top1_on_targets")}
+                   "teacher_agreement_with_targets": round(teacher_agreement_with_targets(out), 2)}
         _finish("synthesize", out, report, inputs={"model": model, "stats": settings.synthesize.stats}, settings=settings,
                 metrics=metrics, timer=timer, outputs={"synthetic_set": str(out), "preview": str(out / "preview.png")})
         log(f"synthetic set ready: {out} ({manifest['num_images']} images, preview {out / 'preview.png'})")

@@ -86,6 +86,19 @@ def run_synthesis(teacher: Teacher, settings: Settings, out_dir: Path, runtime: 
     return manifest
 
 
+def teacher_agreement_with_targets(synth_dir: Path) -> float:
+    """% of synthetic images the teacher classifies as the class they were synthesized for."""
+    from .data.synthetic import SyntheticSet
+
+    ds = SyntheticSet(synth_dir)
+    hits = total = 0
+    for k in range(ds.num_shards):
+        _, labels, logits = ds.shard(k)
+        hits += int((logits.argmax(1) == labels).sum())
+        total += int(labels.numel())
+    return 100.0 * hits / max(1, total)
+
+
 def quality_drop(metrics_before: dict[str, Any], metrics_after: dict[str, Any]) -> tuple[str, float, float] | None:
     """(what, before, after) in percentage points: real top-1 when both have it, else teacher agreement."""
     if metrics_before.get("top1") is not None and metrics_after.get("top1") is not None:
