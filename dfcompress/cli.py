@@ -599,6 +599,10 @@ def demo(
 
 def main() -> None:
     """Console entry point: typer handles usage errors (exit 2); commands map library errors to codes."""
+    import warnings
+
+    # torch's own pytree deprecation notice fires while loading .pt2 files; it is not the user's to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
     app()
 
 

@@ -24,12 +24,13 @@ def _row(name: str, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<22}{'top-1 %':>9}{'agree %':>9}{'params':>12}{'MACs':>13}{'size KiB':>10}{'ms/img b1':>11}"
+    head = f"{'model':<26}{'top-1 %':>9}{'agree %':>9}{'params':>12}{'MACs':>13}{'size KiB':>10}{'ms/img b1':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(v, spec):
-            return format(v, spec) if v is not None else "-"
-        lines.append(f"{r['model']:<22}{f(r['top1'], '9.2f')}{f(r['agreement'], '9.2f')}{f(r['params'], '12,d')}"
+            width = int(spec.split(".")[0].rstrip(",d"))
+            return format(v, spec) if v is not None else "-".rjust(width)
+        lines.append(f"{r['model']:<26}{f(r['top1'], '9.2f')}{f(r['agreement'], '9.2f')}{f(r['params'], '12,d')}"
                      f"{f(r['macs'], '13,d')}{f(r['bytes'] / 1024 if r['bytes'] else None, '10.1f')}{f(r['latency_b1_p50_ms'], '11.3f')}")
     return "\n".join(lines)
 
