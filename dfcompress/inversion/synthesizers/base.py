@@ -32,10 +32,15 @@ class Synthesizer(ABC):
     name: str = "base"
 
     def __init__(self, teacher: Teacher, settings: SynthesizeSettings, runtime: Runtime, stats: Optional["FeatureStats"] = None):  # noqa: F821
+        from .common import stat_targets
+
         self.teacher = teacher
         self.settings = settings
         self.runtime = runtime
         self.stats = stats
+        # every method matches feature statistics: BN running stats, or the class-conditional ``stats``
+        self.model = runtime.prepare(teacher.module)
+        self.targets = stat_targets(self.model, stats, teacher.source)
 
     @abstractmethod
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:

@@ -30,7 +30,7 @@ from ..augment import jitter_flip, random_resized_crop
 from ..generator import ConditionalGenerator
 from .base import BatchResult, StepCallback, Synthesizer
 from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, image_priors, record, seeded_module,
-                     stat_targets, to_pixels)
+                     to_pixels)
 
 
 def embedding_tap(module: nn.Module, input_shape: tuple[int, int, int]) -> tuple[str, str]:
@@ -71,8 +71,6 @@ class ContrastiveModelInversion(Synthesizer):
 
     def __init__(self, teacher, settings, runtime, stats=None):
         super().__init__(teacher, settings, runtime, stats)
-        self.model = runtime.prepare(teacher.module)
-        self.targets = stat_targets(self.model, stats, teacher.source)
         self.embed_at = embedding_tap(self.model, tuple(teacher.input_shape))
         self.head: Optional[ProjectionHead] = None
         self.bank: Optional[Tensor] = None  # [M, D] pre-head features of earlier batches of this shard

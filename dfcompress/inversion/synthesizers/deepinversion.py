@@ -22,7 +22,7 @@ from torch import nn
 from .. import losses
 from ..augment import jitter_flip
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record, seeded_module, stat_targets,
+from .common import (BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record, seeded_module,
                      to_pixels)
 
 LEARN_STEPS = 5          # KD steps on the student per synthesized batch
@@ -44,8 +44,6 @@ class DeepInversion(Synthesizer):
 
     def __init__(self, teacher, settings, runtime, stats=None):
         super().__init__(teacher, settings, runtime, stats)
-        self.model = runtime.prepare(teacher.module)
-        self.targets = stat_targets(self.model, stats, teacher.source)
         self.adi = settings.method == "adi"
         self.name = "adi" if self.adi else "deepinversion"
         self.lambda_adi = (settings.lambda_adi or 1.0) if self.adi else 0.0

@@ -33,7 +33,7 @@ from ..pyramid import FeatureTransferPyramid, StageTaps
 from ..scaling import ChannelScaling
 from .base import BatchResult, StepCallback, Synthesizer
 from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, image_priors, pixel_bounds, record,
-                     seeded_module, stat_targets, straight_through_clamp, to_pixels)
+                     seeded_module, straight_through_clamp, to_pixels)
 
 
 # named profiler ranges (bench/speed_inversion.py reads them); near-free when no profiler runs
@@ -47,8 +47,6 @@ class NaturalInversion(Synthesizer):
 
     def __init__(self, teacher, settings, runtime, stats=None):
         super().__init__(teacher, settings, runtime, stats)
-        self.model = runtime.prepare(teacher.module)
-        self.targets = stat_targets(self.model, stats, teacher.source)
         self.stages = probe_stages(self.model, tuple(teacher.input_shape)) if settings.use_pyramid else []
 
     def build_pyramid(self, seed: int) -> FeatureTransferPyramid:
