@@ -49,8 +49,11 @@ def cli_executable() -> list[str]:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MKL_NUM_THREADS", "1")
+    # the same intra-op thread count as this process: CPU results are bit-identical only at equal thread counts,
+    # and the determinism tests compare child runs with in-process ones
+    import torch
+
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(torch.get_num_threads())
     env.pop("DFCOMPRESS_DEBUG", None)
     env["PYTHONWARNINGS"] = "ignore"  # library deprecation chatter is not what these tests judge
     return env
