@@ -49,7 +49,7 @@ def main() -> None:
     real_set = write_synthetic_set(work / "real", x, y, teacher_logits(teacher, x), teacher, method="real-train-images")
 
     rows = []
-    for name, data in (("data-free (NaturalInversion)", synth), (f"real train images", real_set)):
+    for name, data in (("data-free (NaturalInversion)", synth), ("real train images", real_set)):
         t = time.perf_counter()
         m = distill(teacher, settings.distill.student, data, settings, work / name.split()[0], runtime, real_test)
         rows.append({"arm": name, "images": n, "student": settings.distill.student, "top1": round(m["top1"], 2),

@@ -5,8 +5,6 @@ library and writes a report. Nothing here computes anything a notebook user coul
 """
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 

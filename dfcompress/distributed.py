@@ -106,7 +106,7 @@ def distributed_context(device: str = "auto") -> Iterator[DistContext]:
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed; run without torchrun")
     env = os.environ
-    rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    rank, local = int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
     restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     use_cuda = torch.cuda.is_available() and device != "cpu"
     backend = "nccl" if use_cuda else "gloo"

@@ -106,6 +106,7 @@ def write_shard(out_dir: str | Path, index: int, images_uint8: torch.Tensor, lab
 
 
 def versions() -> dict[str, str]:
+    """Only what decides a shard's bytes (report.versions() records the whole environment)."""
     import safetensors
 
     return {"dfcompress": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}

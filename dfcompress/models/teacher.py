@@ -5,7 +5,7 @@ colours if you guess), so it travels with the module through every stage.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
