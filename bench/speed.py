@@ -337,8 +337,19 @@ def summarise_profile(prof, rt, iters: int, top: int = 25) -> dict[str, Any]:
     return res
 
 
+def use_literal_generator() -> None:
+    """Table 6's generator as written (nn.Upsample x2 then Conv 3x3): the "before" of the fused resize-conv."""
+    import torch.nn.functional as F
+
+    from dfcompress.inversion import generator
+
+    generator.upsample2_conv3x3 = lambda x, conv: conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     common.set_threads(cfg.get("threads"))
+    if cfg.get("literal_generator"):
+        use_literal_generator()
     rt = make_runtime(cfg["device"], cfg["amp"], cfg["channels_last"])
     if rt.is_cuda:
         torch.backends.cudnn.benchmark = True
@@ -460,6 +471,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profile-teacher", default="resnet56")
     ap.add_argument("--profile-batch", type=int, default=None, help="default: the first batch size")
     ap.add_argument("--profile-iters", type=int, default=3)
+    ap.add_argument("--before", action="store_true",
+                    help="also time NaturalInversion with table 6's literal Upsample+Conv generator (the state before "
+                         "the fused resize-conv), in the same run")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--stem", default=None, help="output file stem (default speed, or speed-quick with --quick)")
@@ -480,11 +494,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     for var in variants(args):
         for teacher in teachers:
             for batch in batches:
-                for method in methods:
-                    cfg = {"teacher": teacher, "batch": batch, "method": method, "variant": var["name"], "amp": var["amp"],
+                runs = [(m, False) for m in methods]
+                if args.before and "naturalinversion" in methods:
+                    runs.append(("naturalinversion", True))
+                for method, literal in runs:
+                    name = var["name"] + (", literal Upsample+Conv generator (before)" if literal else "")
+                    cfg = {"teacher": teacher, "batch": batch, "method": method, "variant": name, "amp": var["amp"],
                            "channels_last": var["channels_last"], "device": "cuda" if cuda else "cpu", "iters": iters,
-                           "warmup": warmup, "threads": args.threads, "breakdown": args.breakdown}
-                    print(f"… {teacher} batch {batch} {method} [{var['name']}]", file=sys.stderr, flush=True)
+                           "warmup": warmup, "threads": args.threads, "breakdown": args.breakdown,
+                           "literal_generator": literal}
+                    print(f"… {teacher} batch {batch} {method} [{name}]", file=sys.stderr, flush=True)
                     res = spawn(cfg, args.timeout)
                     data["runs"].append(res)
                     if "error" in res:

@@ -399,6 +399,12 @@ def test_upsample_conv_equals_nearest_upsample_then_conv():
     out = upsample2_conv3x3(x, conv)
     assert out.shape == ref.shape == (2, 7, 8, 12)
     assert torch.allclose(out, ref, atol=1e-5)
-    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
-    (gx,) = torch.autograd.grad(out.square().sum(), x)
-    assert torch.allclose(gx, gx_ref, atol=1e-4)
+    # the generator learns through it: input, weight and bias gradients must match too
+    params = (x, conv.weight, conv.bias)
+    grads_ref = torch.autograd.grad(ref.square().sum(), params)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    for got, want in zip(grads, grads_ref):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    # odd sizes and channels_last input give the same function
+    x2 = torch.randn(3, 5, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(upsample2_conv3x3(x2, conv), conv(F.interpolate(x2, scale_factor=2, mode="nearest")), atol=1e-5)
