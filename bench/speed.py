@@ -124,14 +124,9 @@ class Probes:
     """
 
     def __init__(self, teacher, rt, synth, batch: int, parts: bool):
-        import copy
-
-        from dfcompress.inversion.synthesizers.common import frozen
-
         self.rt, self.dev = rt, rt.device
-        self.model = rt.prepare(copy.deepcopy(teacher.module)).eval()
-        self._frozen = frozen(self.model)
-        self._frozen.__enter__()
+        self._frozen: list = []
+        self.model = self._frozen_copy(teacher)
         g = torch.Generator().manual_seed(1)
         self.x = rt.tensor(torch.randn(batch, *teacher.input_shape, generator=g))
         self.y = _labels(batch, teacher.num_classes).to(self.dev)
@@ -140,6 +135,16 @@ class Probes:
         self._cleanup: list = []
         if parts:
             self._build_parts(teacher, synth, batch)
+
+    def _frozen_copy(self, teacher) -> torch.nn.Module:
+        """A private eval-mode copy without parameter gradients (the synthesizer's hooks are not on it)."""
+        import copy
+
+        from dfcompress.inversion.synthesizers.common import frozen
+
+        ctx = frozen(self.rt.prepare(copy.deepcopy(teacher.module)).eval())
+        self._frozen.append(ctx)
+        return ctx.__enter__()
 
     def teacher_fwd(self) -> None:
         with torch.no_grad(), self.rt.autocast():
@@ -168,14 +173,16 @@ class Probes:
         make_opt = getattr(synth_common, "adam", None) or (lambda ps, lr: torch.optim.Adam(ps, lr=lr))  # the synthesizers' choice
         opts = [make_opt(gen.parameters(), lr=s.lr_generator), make_opt(ftp.parameters(), lr=s.lr_pyramid),
                 make_opt(acs.parameters(), lr=s.lr_scaling)]
-        taps = StageTaps(self.model, synth.stages)
-        stats_term = StatsTerm(self.model, synth.targets, self.dev, s.first_bn_multiplier)
+        # the parts' hooks go on a second copy, so the reference passes above run on a hook-free teacher
+        model = self._frozen_copy(teacher)
+        taps = StageTaps(model, synth.stages)
+        stats_term = StatsTerm(model, synth.targets, self.dev, s.first_bn_multiplier)
         self._cleanup += [taps.remove, stats_term.close]
         index = losses.ClassIndex(self.y)
         with torch.no_grad(), rt.autocast():
             g0 = gen(zy)
-        feats = taps.capture(self.model, g0)
-        model, y = self.model, self.y
+        feats = taps.capture(model, g0)
+        y = self.y
 
         def generator_fwdbwd():
             with rt.autocast():
@@ -226,7 +233,8 @@ class Probes:
     def close(self) -> None:
         for fn in self._cleanup:
             fn()
-        self._frozen.__exit__(None, None, None)
+        for ctx in reversed(self._frozen):
+            ctx.__exit__(None, None, None)
 
 
 def measure_method(teacher, rt, method: str, batch: int, iters: int, warmup: int, parts: bool = False,

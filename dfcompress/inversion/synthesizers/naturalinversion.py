@@ -15,8 +15,9 @@ Per iteration (Algorithm 1), with at most two teacher passes:
 Pass 2 cannot be shared with pass 1: the loss is on T(I_hat) while the pyramid reads T(G(z|y)). Pass 1
 is forward-only (the reference code also treats the features as constants) and teacher weights never
 get gradients, so the teacher costs one forward plus one forward/backward-to-the-input per iteration.
-The table-6 generator is not small next to a CIFAR ResNet: on CPU its forward/backward costs about as
-much as ResNet-56's two passes, so an iteration is ~2x the bare teacher cost (bench/speed_inversion.py).
+The table-6 generator is not small next to a CIFAR ResNet (about half of ResNet-56's MACs per image, and it
+needs weight gradients), so on ResNet-56 an iteration costs ~1.6x the bare teacher passes, on ResNet-34 ~1.2x
+(bench/speed.py, bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, 
                      seeded_module, straight_through_clamp, to_pixels)
 
 
-# named profiler ranges (bench/speed_inversion.py reads them); near-free when no profiler runs
+# named profiler ranges (bench/speed.py --profile reads them); near-free when no profiler runs
 _scope = torch.profiler.record_function
 
 
