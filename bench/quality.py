@@ -467,7 +467,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "total_seconds": round(time.perf_counter() - t_all, 1), "peak_rss_mib": common.peak_rss_mib()}
     data["machine"]["load_avg_at_end"] = [round(v, 2) for v in __import__("os").getloadavg()]
     md = markdown(data) + f"\nTotal wall time {data['total_seconds']} s; peak RSS {data['peak_rss_mib']} MiB.\n"
-    jpath, mpath = common.write_results(f"quality-{args.budget}", data, md, args.out)
+    stem = f"quality-{args.budget}" + (f"-seed{args.seed}" if args.seed else "")  # other seeds do not overwrite seed 0
+    jpath, mpath = common.write_results(stem, data, md, args.out)
     print(md)
     print(f"wrote {jpath} and {mpath}", file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0

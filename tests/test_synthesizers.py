@@ -306,6 +306,23 @@ def test_generator_matches_table_6_at_32px():
     assert out.shape == (2, 3, 32, 32)
 
 
+def test_generator_computes_table_6_literally():
+    """Fused resize-convs and the channels_last interior compute the same function as table 6 written out."""
+    import torch.nn.functional as F
+
+    from dfcompress.inversion.generator import UpsampleConv3x3
+
+    torch.manual_seed(0)
+    gen = ConditionalGenerator(64, 10, 3, 32, 32).train()
+    zy = gen.latent(torch.randn(4, 64), torch.tensor([0, 3, 5, 9]))
+    out = gen(zy)
+    x = gen.fc(zy).view(4, gen.base, gen.init_h, gen.init_w)
+    for layer in gen.blocks:
+        x = layer.conv(F.interpolate(x, scale_factor=2, mode="nearest")) if isinstance(layer, UpsampleConv3x3) else layer(x)
+    assert torch.allclose(out, x, rtol=1e-4, atol=1e-4)
+    assert out.is_contiguous()  # plain NCHW for the teacher, whatever the layout inside
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_pyramid_builds_on_every_zoo_architecture(name):
     shape = (1, 8, 8) if name.startswith("digits_cnn") else (3, 32, 32)

@@ -45,7 +45,7 @@ def upsample2_conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
     Same function, but the 4x larger upsampled tensor is never built (forward or backward) and each
     output pixel costs 4 instead of 9 taps. The generator is NaturalInversion's largest cost beside the
-    teacher; this form measured 30 % faster than four interleaved phase convs and 2-3x faster than
+    teacher; this form measured 26-30 % faster than four interleaved phase convs and 2-3x faster than
     Upsample + Conv on CPU (bench/RESULTS.md).
     """
     m = _UP2_TAPS.to(conv.weight)
@@ -104,7 +104,7 @@ class ConditionalGenerator(nn.Module):
         return torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
 
     def forward(self, zy: Tensor) -> Tensor:
-        # channels_last inside (8 % faster fwd/bwd on CPU, the layout cuDNN prefers); plain NCHW out, so the
+        # channels_last inside (14 % faster fwd/bwd on CPU, the layout cuDNN prefers); plain NCHW out, so the
         # teacher passes run in the same layout whether or not a generator feeds them
         out = self.fc(zy).view(zy.shape[0], self.base, self.init_h, self.init_w)
         out = self.blocks(out.contiguous(memory_format=torch.channels_last))
