@@ -341,7 +341,7 @@ def summarise_profile(prof, rt, iters: int, top: int = 25) -> dict[str, Any]:
         "table": table,
     }
     if rt.is_cuda:
-        res["cuda_table"] = events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=48)
+        res["cuda_table"] = events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=48)
     return res
 
 
