@@ -16,7 +16,7 @@ Pass 2 cannot be shared with pass 1: the loss is on T(I_hat) while the pyramid r
 is forward-only (the reference code also treats the features as constants) and teacher weights never
 get gradients, so the teacher costs one forward plus one forward/backward-to-the-input per iteration.
 The table-6 generator is not small next to a CIFAR ResNet (about half of ResNet-56's MACs per image, and it
-needs weight gradients), so on ResNet-56 an iteration costs ~1.6x the bare teacher passes, on ResNet-34 ~1.2x
+needs weight gradients), so on ResNet-56 an iteration costs ~1.5x the bare teacher passes, on ResNet-34 ~1.2x
 (bench/speed.py, bench/RESULTS.md).
 """
 from __future__ import annotations
