@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
 import zipfile
@@ -14,28 +13,9 @@ from torch import nn
 
 from dfcompress.errors import UserError
 from dfcompress.models.loading import load_teacher
+from pickle_payloads import ExecWrite, Touch
 
 REFUSAL = "contains pickled Python objects, which can run arbitrary code when loaded; re-run with --allow-pickle"
-
-
-class Touch:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
-class WriteFile:
-    """Unpickling this calls builtins.exec to open-and-write ``marker`` (no shell involved)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
 def _tiny() -> nn.Module:
@@ -51,7 +31,7 @@ def _refused(path: Path, marker: Path) -> None:
     assert not marker.exists(), "the payload ran"
 
 
-@pytest.mark.parametrize("payload", [Touch, WriteFile])
+@pytest.mark.parametrize("payload", [Touch, ExecWrite])
 def test_payloads_are_live(tmp_path: Path, payload) -> None:
     """Control: a plain unpickle really runs them, so the refusals below are meaningful."""
     marker = tmp_path / "MARKER"
@@ -59,7 +39,7 @@ def test_payloads_are_live(tmp_path: Path, payload) -> None:
     assert marker.exists()
 
 
-@pytest.mark.parametrize("payload", [Touch, WriteFile])
+@pytest.mark.parametrize("payload", [Touch, ExecWrite])
 def test_raw_pickle_refused(tmp_path: Path, payload) -> None:
     marker = tmp_path / "MARKER"
     for protocol in (2, pickle.DEFAULT_PROTOCOL):
@@ -79,7 +59,7 @@ def test_legacy_torch_save_refused(tmp_path: Path) -> None:
 def test_zip_checkpoint_refused_whatever_its_extension(tmp_path: Path, suffix: str) -> None:
     marker = tmp_path / "MARKER"
     src = tmp_path / "evil_zip.pt"
-    torch.save({"state_dict": _tiny().state_dict(), "epoch": 3, "x": WriteFile(marker)}, src)
+    torch.save({"state_dict": _tiny().state_dict(), "epoch": 3, "x": ExecWrite(marker)}, src)
     f = src if suffix == ".pt" else src.rename(tmp_path / f"evil_zip{suffix}")
     _refused(f, marker)
 

@@ -124,27 +124,7 @@ def diff_snapshots(before: dict, after: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# malicious payloads (each really runs when unpickled: see the control tests)
-
-
-class Touch:
-    """Unpickling runs ``touch MARKER`` through os.system."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
-class ExecWrite:
-    """Unpickling runs builtins.exec, which writes MARKER (no shell)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+# models and malicious payloads (Touch, ExecWrite: tests/pickle_payloads.py, shared with test_pickle_safety.py)
 
 
 def tiny_classifier(in_ch: int = 1, classes: int = 10) -> nn.Module:

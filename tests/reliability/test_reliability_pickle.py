@@ -16,8 +16,9 @@ from typing import Callable
 import pytest
 import torch
 
-from reliability_helpers import (TINY_SYNTH, ExecWrite, Touch, assert_one_line_error, diff_snapshots, invoke,
-                                 raw_pickle, run_cli, snapshot, tiny_classifier)
+from pickle_payloads import ExecWrite, Touch
+from reliability_helpers import (TINY_SYNTH, assert_one_line_error, diff_snapshots, invoke, raw_pickle, run_cli, snapshot,
+                                 tiny_classifier)
 
 OPT_IN = "re-run with --allow-pickle only if you trust its source"
 
