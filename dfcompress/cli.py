@@ -242,7 +242,7 @@ def synthesize(
     Re-running the same command after a crash skips the finished shards.
     """
     from .distributed import distributed_context
-    from .fileio import prepare_output_dir, remove_if_failed, remove_stale_temps
+    from .fileio import prepare_output_dir, remove_if_failed  # stale temp files: the runner's finalize() sweeps them
     from .pipeline import check_teacher_has_statistics, load_stats, run_synthesis, teacher_agreement_with_targets
 
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
@@ -266,7 +266,6 @@ def synthesize(
                                          barrier=dist.barrier)
         if not dist.is_main:
             return
-        remove_stale_temps(out)
         metrics = {"num_images": manifest["num_images"], "counts_per_class": manifest["counts_per_class"],
                    "retries": sum(int(s.get("retries", 0)) for s in manifest["shards"]),
                    "teacher_agreement_with_targets": round(teacher_agreement_with_targets(out), 2)}
@@ -581,10 +580,9 @@ def demo(
 ) -> None:
     """The whole pipeline on the embedded digits teacher: synthesize -> distill -> prune -> quantize -> export -> evaluate on real held-out digits."""
     from .demo import run_demo
-
-    settings = resolve(profile or "digits", _common_overrides(seed, device), dry_run, save_config)
     from .fileio import remove_if_failed
 
+    settings = resolve(profile or "digits", _common_overrides(seed, device), dry_run, save_config)
     out = output or default_output("demo")
     with remove_if_failed(out):
         result = run_demo(settings, out, overwrite=overwrite)

@@ -19,6 +19,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import DFCompressError, UserError
+from .fileio import read_json_or_none
 from .settings import Settings, resolve_settings
 
 # ---------------------------------------------------------------------------------------------
@@ -171,22 +172,13 @@ def _embedded_with(teacher, mean: Optional[list[float]], std: Optional[list[floa
 # which output folders a resumable command may re-enter
 
 
-def _read_json(path: Path) -> Any:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _format_of(path: Path) -> str:
-    obj = _read_json(path)
+    obj = read_json_or_none(path)
     return str(obj.get("format", "")) if isinstance(obj, dict) else ""
 
 
 def _report_command(folder: Path) -> Optional[str]:
-    obj = _read_json(folder / "report.json")
+    obj = read_json_or_none(folder / "report.json")
     return obj.get("command") if isinstance(obj, dict) else None
 
 
@@ -205,7 +197,7 @@ def owned_by(command_name: str) -> Callable[[Path], bool]:
             return _format_of(folder / "run.json").startswith("dfcompress-synthesize-run/") or \
                 _format_of(folder / "manifest.json").startswith("dfcompress-synthetic/")
         if command_name in ("distill", "prune"):
-            desc = _read_json(folder / "dfcompress.json")
+            desc = read_json_or_none(folder / "dfcompress.json")
             made_by = {_report_command(folder), desc.get("created_by") if isinstance(desc, dict) else None} - {None}
             if made_by:  # a finished (or gate-failed) run says which command wrote it
                 return made_by == {command_name}

@@ -119,6 +119,15 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
         writer(tmp)
 
 
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """The parsed JSON file, or None when it is missing, unreadable or not JSON: for probing files a
+    crashed or foreign run may have left (callers decide what a missing answer means)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)

@@ -66,9 +66,9 @@ def test_option_a_resnet_prunes_across_stage_boundaries_exactly():
     _kill_stream_channel(net, net.layer2, stage2, 3)
     with torch.no_grad():
         before = net(X32)
-    from dfcompress.compress.prune_ops import custom_pruners
+    from dfcompress.models.zoo import customized_pruners
 
-    dg = tp.DependencyGraph().build_dependency(net, example_inputs=X32, customized_pruners=custom_pruners())
+    dg = tp.DependencyGraph().build_dependency(net, example_inputs=X32, customized_pruners=customized_pruners())
     for root, idx in ((net.conv1, 5), (net.layer2[0].conv2, 3)):
         group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=[idx])
         assert dg.check_pruning_group(group)

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..progress import log
-from .prune_ops import SkipGuard, apply_guard, custom_pruners
+from ..models.zoo import customized_pruners
+from .prune_ops import SkipGuard, apply_guard
 
 SEARCH_TOLERANCE = 0.01  # the params/MACs target is met within 1 percentage point
 SEARCH_MAX_ITER = 16
@@ -81,12 +82,18 @@ def prune_module(model: nn.Module, example: torch.Tensor, ratio: float, *, globa
 class _Broken(Exception):
     """A pruning attempt produced a model that does not run (internal: triggers the fallback)."""
 
+    @classmethod
+    def of(cls, exc: BaseException) -> "_Broken":
+        """The failure in one short line: exception type and the first line of its message."""
+        text = str(exc)
+        return cls(f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}")
+
 
 def _make_pruner(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
                  round_to: Optional[int], ignored: list[nn.Module]) -> Any:
     return tp.pruner.MetaPruner(
         model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-        global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored, customized_pruners=custom_pruners(),
+        global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored, customized_pruners=customized_pruners(),
     )
 
 
@@ -103,7 +110,7 @@ def _prune_once(model: nn.Module, example: torch.Tensor, ratio: float, global_pr
             pruner.step()
             records = apply_guard(guard, names, round_to)
     except (IndexError, RuntimeError, ValueError, AssertionError) as exc:
-        raise _Broken(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
+        raise _Broken.of(exc) from None
     _check_forward(model, example)
     after = layer_widths(model)
     unchanged = []
@@ -144,7 +151,7 @@ def find_unsafe_groups(model: nn.Module, example: torch.Tensor) -> list[str]:
         ignored = [classifier_layer(trial)] + [trial.get_submodule(n) for n in bad]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(trial, example_inputs=example, customized_pruners=custom_pruners())
+            dg = tp.DependencyGraph().build_dependency(trial, example_inputs=example, customized_pruners=customized_pruners())
             culprit = None
             for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
                 dep = group[0][0]
@@ -174,7 +181,7 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx GraphModules print failing code
             out = model(example)
     except Exception as exc:  # noqa: BLE001 - any failure means the graph was cut wrongly
-        raise _Broken(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
+        raise _Broken.of(exc) from None
     if not torch.isfinite(out).all():
         raise UserError("the pruned model produces NaN/inf; try a smaller --ratio")
 

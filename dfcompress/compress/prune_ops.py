@@ -24,12 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.zoo.pruning import customized_pruners
-
-
-def custom_pruners() -> dict[type, Any]:
-    """Pruners for zoo modules torch-pruning cannot trace through (option-A shortcuts)."""
-    return dict(customized_pruners())
 
 
 # ----------------------------------------------------------------------------------------------

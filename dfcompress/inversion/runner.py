@@ -28,7 +28,8 @@ from ..data.synthetic import (MANIFEST, SHARD_DIR, build_manifest, shard_file, t
                               write_manifest, write_shard)
 from ..device import Runtime
 from ..errors import NumericalError, UserError
-from ..fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps, sha256_file
+from ..fileio import (atomic_path, atomic_write_json, atomic_write_text, read_json_or_none, remove_stale_temps,
+                      sha256_file)
 from ..models.teacher import Teacher
 from ..progress import log
 from ..progress import progress as progress_ctx
@@ -101,16 +102,9 @@ def _student_file(out: Path, k: int) -> Path:
     return out / SHARD_DIR / f"adi_student-{k:05d}.safetensors"
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _shard_done(out: Path, k: int, count: int, key: str, sequential: bool) -> Optional[dict]:
     """The sidecar of a finished, intact shard of this run; None when it must be (re)made."""
-    side = _read_json(_sidecar(out, k))
+    side = read_json_or_none(_sidecar(out, k))
     shard = out / shard_file(k)
     if not side or side.get("run_key") != key or side.get("count") != count or not shard.is_file():
         return None
@@ -125,7 +119,7 @@ def _check_run(out: Path, record: dict) -> None:
     """Refuse to mix shards of different runs in one folder; record this run when the folder is fresh."""
     path = out / RUN_FILE
     has_work = ((out / SHARD_DIR).is_dir() and any((out / SHARD_DIR).iterdir())) or (out / MANIFEST).is_file()
-    existing = _read_json(path) if path.is_file() else None  # read after has_work: another rank may be starting
+    existing = read_json_or_none(path) if path.is_file() else None  # read after has_work: another rank may be starting
     if existing is None:
         if has_work:
             raise UserError(f"{out} holds files that are not from a resumable synthesize run; pass --overwrite to start over or choose another -o")
@@ -352,7 +346,7 @@ def finalize(teacher: Teacher, settings: Settings, out_dir: str | Path, stats=No
     ranges = shard_ranges(s.num_images, s.shard_size or s.batch_size)
     sides = []
     for k, (start, stop) in enumerate(ranges):
-        side = _read_json(_sidecar(out, k))
+        side = read_json_or_none(_sidecar(out, k))
         if not side or side.get("run_key") != record["run_key"] or side.get("count") != stop - start \
                 or not (out / shard_file(k)).is_file() or sha256_file(out / shard_file(k)) != side.get("sha256"):
             raise UserError(f"shard {k} of {out} is missing or incomplete; re-run the same `dfcompress synthesize` command to finish it")
@@ -417,7 +411,7 @@ def _write_preview(out: Path, sides: list[dict], num_classes: int, per_class: in
 
 def _write_losses(out: Path, num_shards: int) -> dict[str, Any]:
     """loss.csv (shard, batch, iteration, components) and loss.png (mean per iteration across batches)."""
-    frags = [_read_json(_loss_file(out, k)) or {"components": [], "rows": []} for k in range(num_shards)]
+    frags = [read_json_or_none(_loss_file(out, k)) or {"components": [], "rows": []} for k in range(num_shards)]
     components: list[str] = []
     for f in frags:
         for c in f["components"]:
