@@ -14,6 +14,17 @@ Arms (same number of images N; the inversion arms also the same teacher-pass bud
                 10 real seed images per class (train set; scenario B); KD from the ONNX teacher too
   e cmi         Contrastive Model Inversion on the state_dict teacher
   f real        upper reference: KD on N real CIFAR-10 train images (JPEG tarball, the first N/10 of each class)
+  g fast-ni     fast NaturalInversion (meta-learned generator, K = --fast-k inner steps per batch) on the
+                state_dict teacher, making as many images as the teacher passes of (c) buy: N x iterations / K
+  h fast-ni-onnx-cc   the same on the BN-folded ONNX teacher with the class-conditional seed statistics of (d)
+  i real-fast-n       KD on as many real train images as (g) makes (its upper reference)
+
+Teacher passes are counted in image-passes: one image through the teacher forward = 1, forward and
+backward to the input = 3 (the backward costs about twice the forward). Per image and iteration: NI and
+fast NI 4 (a no-grad feature pass + the loss pass), DeepInversion 3, CMI 6 (two views); plus 1 per
+stored image for the teacher's logits. ``--curve`` also distils on prefixes of (g)'s set (its first
+1/12, 1/4, 1/2: the set is made in order, so a prefix is what a smaller run makes) to put student top-1
+against teacher passes.
 
 For every arm: student top-1 on the 10k JPEG test set and on the exact 846-image subset, agreement
 with the teacher, synthesis seconds and KD seconds; teacher top-1 on both sets is measured too.
@@ -50,10 +61,19 @@ ARMS = {
     "d": ("ni-onnx-cc", "NaturalInversion, BN-folded ONNX + class-cond. stats (10 seeds/class)"),
     "e": ("cmi", "CMI (BN stats)"),
     "f": ("real", "real CIFAR-10 train images (upper reference)"),
+    "g": ("fast-ni", "fast NaturalInversion (BN stats), teacher passes of (c)"),
+    "h": ("fast-ni-onnx-cc", "fast NI, BN-folded ONNX + class-cond. stats, teacher passes of (d)"),
+    "i": ("real-fast-n", "real CIFAR-10 train images, as many as (g)"),
 }
-METHOD = {"b": "deepinversion", "c": "naturalinversion", "d": "naturalinversion", "e": "cmi"}
+METHOD = {"b": "deepinversion", "c": "naturalinversion", "d": "naturalinversion", "e": "cmi", "g": "fast-ni", "h": "fast-ni"}
 # teacher passes per iteration (what "the same teacher-pass budget" buys each method)
-PASSES = {"b": "1 fwd/bwd", "c": "1 fwd + 1 fwd/bwd", "d": "1 fwd + 1 fwd/bwd", "e": "2 fwd/bwd"}
+PASSES = {"b": "1 fwd/bwd", "c": "1 fwd + 1 fwd/bwd", "d": "1 fwd + 1 fwd/bwd", "e": "2 fwd/bwd", "g": "1 fwd + 1 fwd/bwd",
+          "h": "1 fwd + 1 fwd/bwd"}
+# the same in image-passes (forward = 1, forward + backward to the input = 3)
+IMAGE_PASSES = {"b": 3, "c": 4, "d": 4, "e": 6, "g": 4, "h": 4}
+FAST_ARMS = ("g", "h", "i")
+SEEDED_STATS_ARMS = ("d", "h")
+CURVE_FRACTIONS = (1 / 12, 1 / 4, 1 / 2)
 
 # N, synthesis batch and iterations, KD epochs/batch/lr, evaluation subset; the rest comes from profile cifar10
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -81,7 +101,7 @@ def parse_arms(text: str) -> list[str]:
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         key = part if part in ARMS else names.get(part)
         if key is None:
-            raise SystemExit(f"unknown arm {part!r}; use letters a-f or names {', '.join(names)}")
+            raise SystemExit(f"unknown arm {part!r}; use letters a-i or names {', '.join(names)}")
         if key not in out:
             out.append(key)
     return sorted(out)
@@ -96,19 +116,38 @@ def budget_config(args) -> dict[str, Any]:
     if args.device:
         cfg["device"] = args.device
     cfg["batch"] = min(cfg["batch"], cfg["n"])
+    cfg["fast_k"] = args.fast_k
+    # equal teacher passes: the (c) arm's images x iterations, spent K iterations per image
+    cfg["fast_n"] = args.fast_n or max(cfg["batch"], cfg["n"] * cfg["iterations"] // args.fast_k)
     return cfg
 
 
-def make_settings(cfg: dict[str, Any], method: str, seed: int):
-    """Profile cifar10 with the budget's sizes: the same for every arm except the method."""
+def arm_sizes(cfg: dict[str, Any], key: str) -> tuple[int, int]:
+    """(images, iterations per batch) of an arm: the fast arms trade iterations for images."""
+    if key in FAST_ARMS:
+        return cfg["fast_n"], cfg["fast_k"]
+    return cfg["n"], cfg["iterations"]
+
+
+def teacher_passes(key: str, images: int, iterations: int) -> Optional[int]:
+    """Image-passes through the teacher to make the set (module docstring); None for noise/real images."""
+    if key not in IMAGE_PASSES:
+        return None
+    return images * iterations * IMAGE_PASSES[key] + images
+
+
+def make_settings(cfg: dict[str, Any], method: str, seed: int, key: str = "c"):
+    """Profile cifar10 with the budget's sizes: the same for every arm except the method (and, for the fast
+    arms, images x iterations at the same product)."""
     from dfcompress.settings import resolve_settings
 
+    images, iterations = arm_sizes(cfg, key)
     return resolve_settings("cifar10", {
         "seed": seed,
         "synthesize.method": method,
-        "synthesize.num_images": cfg["n"],
+        "synthesize.num_images": images,
         "synthesize.batch_size": cfg["batch"],
-        "synthesize.iterations": cfg["iterations"],
+        "synthesize.iterations": iterations,
         "distill.student": STUDENT,
         "distill.epochs": cfg["kd_epochs"],
         "distill.batch_size": cfg["kd_batch"],
@@ -188,10 +227,9 @@ def make_noise(teacher, cfg: dict[str, Any], out: Path, seed: int) -> dict[str, 
     return {}
 
 
-def make_real(teacher, cfg: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
+def make_real(teacher, n: int, out: Path, seed: int) -> dict[str, Any]:
     from dfcompress.data.synthetic import write_synthetic_set
 
-    n = cfg["n"]
     real = common.load_train_jpegs(math.ceil(n / 10), offset=0)  # classes interleaved: the first n stay balanced
     x, y, index = real["x"][:n], real["y"][:n], real["index"][:n]
     write_synthetic_set(out, x, y, None, teacher, method="real-cifar10-train",
@@ -220,31 +258,49 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
     synth_dir, student_dir = arm_dir / "synthetic", arm_dir / "student"
     if arm_dir.exists():
         shutil.rmtree(arm_dir)
-    teacher = ctx["onnx_teacher"] if key == "d" else ctx["torch_teacher"]
-    settings = make_settings(cfg, METHOD.get(key, "naturalinversion"), seed)
-    res: dict[str, Any] = {"arm": key, "name": name, "label": label, "n": cfg["n"],
-                           "teacher": "resnet56 ONNX (BN folded)" if key == "d" else "resnet56 state_dict"}
+    teacher = ctx["onnx_teacher"] if key in SEEDED_STATS_ARMS else ctx["torch_teacher"]
+    settings = make_settings(cfg, METHOD.get(key, "naturalinversion"), seed, key)
+    images, iterations = arm_sizes(cfg, key)
+    res: dict[str, Any] = {"arm": key, "name": name, "label": label, "n": images,
+                           "teacher": "resnet56 ONNX (BN folded)" if key in SEEDED_STATS_ARMS else "resnet56 state_dict"}
     t0 = time.perf_counter()
     if key == "a":
         res.update(make_noise(teacher, cfg, synth_dir, seed))
-    elif key == "f":
-        res.update(make_real(teacher, cfg, synth_dir, seed))
+    elif key in ("f", "i"):
+        res.update(make_real(teacher, images, synth_dir, seed))
     else:
         stats = None
-        if key == "d":
+        if key in SEEDED_STATS_ARMS:
             t_stats = time.perf_counter()
             stats, check = collect_seed_stats(teacher, rt)
             res["stats_seconds"] = round(time.perf_counter() - t_stats, 2)
             res["seed_images"] = {"per_class": SEEDS_PER_CLASS, "check": check}
         synthesize(teacher, settings, synth_dir, rt, stats=stats)
-        res.update({"iterations": cfg["iterations"], "batch": cfg["batch"], "batches": math.ceil(cfg["n"] / cfg["batch"]),
+        res.update({"iterations": iterations, "batch": cfg["batch"], "batches": math.ceil(images / cfg["batch"]),
                     "teacher_passes_per_iteration": PASSES[key]})
+    res["teacher_passes"] = teacher_passes(key, images, iterations)
     common.sync(rt.device)
     res["synth_seconds"] = round(time.perf_counter() - t0, 2)
     res["synthetic"] = synthetic_summary(synth_dir)
+    res.update(distill_and_score(key, teacher, synth_dir, student_dir, settings, ctx))
+    if ctx.get("curve") and key == "g":
+        res["curve"] = prefix_curve(key, teacher, synth_dir, arm_dir, settings, ctx, iterations)
+    res["synthesize_settings"] = {k: v for k, v in dataclasses.asdict(settings.synthesize).items()
+                                  if k in ("method", "num_images", "batch_size", "iterations", "lr_generator", "lr_pyramid",
+                                           "lr_scaling", "lr_pixels", "lr_latent", "latent_dim", "lambda_bn", "lambda_tv",
+                                           "lambda_l2", "lambda_cmi", "first_bn_multiplier", "jitter", "flip", "meta_update",
+                                           "meta_lr", "meta_shards", "meta_pyramid")} if key in METHOD else None
+    return res
 
+
+def distill_and_score(key: str, teacher, synth_dir: Path, student_dir: Path, settings, ctx: dict[str, Any]) -> dict[str, Any]:
+    """KD of a fresh student on ``synth_dir`` (identical recipe in every arm), scored on the real test sets."""
+    from dfcompress.compress.distill import distill
+    from dfcompress.evaluate import agreement
+
+    res: dict[str, Any] = {}
     t1 = time.perf_counter()
-    metrics = distill(teacher, STUDENT, synth_dir, settings, student_dir, rt)
+    metrics = distill(teacher, STUDENT, synth_dir, settings, student_dir, ctx["runtime"])
     res["distill_seconds"] = round(time.perf_counter() - t1, 2)  # KD + ONNX export and its parity check
     res["kd_seconds"] = metrics["train"]["seconds"]
     res["kd_final_loss"] = metrics["history"][-1]["loss"] if metrics["history"] else None
@@ -253,14 +309,29 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
     logits = ctx["evaluator"].onnx(onnx_file, teacher)
     res["eval_seconds"] = round(time.perf_counter() - t2, 2)
     res["student_top1"] = ctx["evaluator"].top1(logits)
-    ref = ctx["teacher_logits"]["onnx" if key == "d" else "torch"]
+    ref = ctx["teacher_logits"]["onnx" if key in SEEDED_STATS_ARMS else "torch"]
     res["agreement_with_teacher"] = {k: round(agreement(logits[k], ref[k]), 2) for k in logits}
     res["student_params"], res["student_macs"] = metrics["student_params"], metrics["student_macs"]
-    res["synthesize_settings"] = {k: v for k, v in dataclasses.asdict(settings.synthesize).items()
-                                  if k in ("method", "num_images", "batch_size", "iterations", "lr_generator", "lr_pyramid",
-                                           "lr_scaling", "lr_pixels", "lr_latent", "latent_dim", "lambda_bn", "lambda_tv",
-                                           "lambda_l2", "lambda_cmi", "first_bn_multiplier", "jitter", "flip")} if key in METHOD else None
     return res
+
+
+def prefix_curve(key: str, teacher, synth_dir: Path, arm_dir: Path, settings, ctx: dict[str, Any],
+                 iterations: int) -> list[dict[str, Any]]:
+    """Student top-1 after KD on the first 1/12, 1/4, 1/2 of the arm's set (what a smaller run would have made)."""
+    from dfcompress.data.synthetic import SyntheticSet, write_synthetic_set
+
+    ds = SyntheticSet(synth_dir)
+    x, y, logits = (torch.cat(parts) for parts in zip(*(ds.shard(k) for k in range(ds.num_shards))))
+    points = []
+    for frac in CURVE_FRACTIONS:
+        m = max(settings.synthesize.batch_size, int(round(len(y) * frac / settings.synthesize.batch_size)) * settings.synthesize.batch_size)
+        sub = arm_dir / f"prefix-{m}"
+        write_synthetic_set(sub / "synthetic", x[:m], y[:m], logits[:m], teacher, method=f"{ds.manifest['method']} (first {m})",
+                            settings={"prefix_of": str(synth_dir)}, seed=ctx["seed"])
+        scored = distill_and_score(key, teacher, sub / "synthetic", sub / "student", settings, ctx)
+        points.append({"images": m, "teacher_passes": teacher_passes(key, m, iterations), **scored})
+        print(f"    prefix {m}: student top-1 {scored['student_top1']}", file=sys.stderr, flush=True)
+    return points
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,16 +425,25 @@ def markdown(data: dict[str, Any]) -> str:
     rows = []
     for r in data["arms"]:
         if "error" in r:
-            rows.append([f"{r['arm']} {r['name']}", "error: " + r["error"][:100]] + [None] * 7)
+            rows.append([f"{r['arm']} {r['name']}", "error: " + r["error"][:100]] + [None] * 9)
             continue
-        rows.append([f"({r['arm']}) {r['label']}", r["student_top1"]["jpeg"], r["student_top1"]["exact846"],
+        rows.append([f"({r['arm']}) {r['label']}", r["n"], r.get("iterations"), r["student_top1"]["jpeg"], r["student_top1"]["exact846"],
                      r["agreement_with_teacher"]["jpeg"], r["synthetic"]["teacher_agrees_with_label_pct"],
-                     r["synth_seconds"], r["kd_seconds"], r.get("teacher_passes_per_iteration")])
-    head += [common.md_table(["arm", "student top-1 JPEG", "student top-1 exact 846", "agreement w/ teacher (JPEG)",
-                              "teacher agrees with target label on synthetic set %", "synthesis s", "KD s",
-                              "teacher passes / iteration"], rows), ""]
-    head += ["Synthesis seconds include statistics collection for (d) and decoding/labelling for (a)/(f); KD seconds are "
-             "the training loop only (ONNX export and evaluation excluded).", ""]
+                     r["synth_seconds"], r["kd_seconds"], r.get("teacher_passes")])
+    head += [common.md_table(["arm", "images", "iterations / batch", "student top-1 JPEG", "student top-1 exact 846",
+                              "agreement w/ teacher (JPEG)", "teacher agrees with target label on synthetic set %",
+                              "synthesis s", "KD s", "teacher image-passes"], rows), ""]
+    curve = [(r["arm"], p) for r in data["arms"] if "curve" in r for p in r["curve"]]
+    if curve:
+        head += ["Prefixes of the fast set (KD on the first m images; the set is made in order, so a prefix is what a "
+                 "smaller run makes):", "",
+                 common.md_table(["arm", "images", "teacher image-passes", "student top-1 JPEG", "student top-1 exact 846"],
+                                 [[a, p["images"], p["teacher_passes"], p["student_top1"]["jpeg"], p["student_top1"]["exact846"]]
+                                  for a, p in curve]), ""]
+    head += ["Synthesis seconds include statistics collection for (d)/(h) and decoding/labelling for (a)/(f)/(i); KD "
+             "seconds are the training loop only (ONNX export and evaluation excluded). Teacher image-passes: one image "
+             "forward = 1, forward + backward to the input = 3; NI and fast NI 4 per image-iteration, DI 3, CMI 6, plus 1 "
+             "per stored image for its logits.", ""]
     return "\n".join(head)
 
 
@@ -371,8 +451,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", choices=list(BUDGETS), default="tiny")
-    ap.add_argument("--arms", default="a,b,c,d,e,f", help="letters a-f or names (noise, deepinversion, naturalinversion, "
-                                                        "ni-onnx-cc, cmi, real)")
+    ap.add_argument("--arms", default="a,b,c,d,e,f", help="letters a-i or names (noise, deepinversion, naturalinversion, "
+                                                        "ni-onnx-cc, cmi, real, fast-ni, fast-ni-onnx-cc, real-fast-n)")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: cpu (tiny/small), auto (paper)")
     ap.add_argument("--no-amp", dest="amp", action="store_false", help="CUDA: fp32 instead of AMP (channels_last stays)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -388,6 +468,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep arms already finished in the work folder")
     ap.add_argument("--plan", action="store_true", help="only time a few steps and print the projected run time")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
+    ap.add_argument("--fast-k", dest="fast_k", type=int, default=10, help="fast-ni inner steps per batch (arms g, h)")
+    ap.add_argument("--fast-n", dest="fast_n", type=int, default=None,
+                    help="images of arms g, h, i (default: equal teacher passes to (c), N x iterations / K)")
+    ap.add_argument("--curve", action="store_true", help="also distil on prefixes of (g)'s set (student top-1 vs teacher passes)")
     args = ap.parse_args(argv)
 
     common.require(common.RESNET56_TH, common.RESNET56_ONNX, common.TEST_JPEG, common.TEST_EXACT, common.TRAIN_TAR, common.LABELS)
@@ -404,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"budget {args.budget}: {json.dumps(cfg)}; arms {','.join(arms)}; runtime {rt}", file=sys.stderr, flush=True)
     work = args.work or (common.REPO / "runs" / f"bench-quality-{args.budget}")
     torch_teacher, onnx_teacher = load_teachers()
-    ctx: dict[str, Any] = {"cfg": cfg, "work": work, "seed": args.seed, "runtime": rt, "torch_teacher": torch_teacher,
+    ctx: dict[str, Any] = {"cfg": cfg, "work": work, "seed": args.seed, "runtime": rt, "torch_teacher": torch_teacher, "curve": args.curve,
                            "onnx_teacher": onnx_teacher, "evaluator": Evaluator(cfg["eval_limit"], threads)}
     if args.plan:
         projected = plan(ctx, arms)

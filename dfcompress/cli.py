@@ -32,7 +32,7 @@ OutDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Outpu
 SynthDataOpt = Annotated[Optional[str], typer.Option("--data", help="A synthetic set folder from `dfcompress synthesize` (default: synthesize one first).")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Real labelled test images (ImageFolder dir or .npz with x,y) for top-1; the embedded teacher uses its real digits test split.")]
 NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", "-n", help="Number of images to synthesize.")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", help="naturalinversion | deepinversion | adi | cmi")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="naturalinversion | fast-ni | deepinversion | adi | cmi")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iterations", help="Optimisation steps per synthetic batch.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images optimised together.")]
 StatsOpt = Annotated[Optional[str], typer.Option("--stats", help="Class-conditional statistics from `dfcompress stats` (needed for BN-folded teachers).")]

@@ -75,7 +75,7 @@ def run_synthesis(teacher: Teacher, settings: Settings, out_dir: Path, runtime: 
     """Synthesize on this rank's shards; with several ranks, rank 0 writes the manifest once all exist."""
     from .inversion.runner import finalize, synthesize
 
-    result = synthesize(teacher, settings, out_dir, runtime, stats=stats, rank=rank, world_size=world_size)
+    result = synthesize(teacher, settings, out_dir, runtime, stats=stats, rank=rank, world_size=world_size, barrier=barrier)
     if world_size == 1:
         return result
     if barrier is not None:

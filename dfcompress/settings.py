@@ -38,7 +38,8 @@ class PreprocessSettings:
 
 @dataclass
 class SynthesizeSettings:
-    method: str = _f("naturalinversion", "inversion method", choices=["naturalinversion", "deepinversion", "adi", "cmi"])
+    method: str = _f("naturalinversion", "inversion method (fast-ni: NaturalInversion with a meta-learned generator, few iterations per batch)",
+                     choices=["naturalinversion", "fast-ni", "deepinversion", "adi", "cmi"])
     num_images: int = _f(1024, "images to synthesize (-n)", min=1)
     batch_size: int = _f(64, "images optimised together; NaturalInversion re-initialises its generator per batch", min=1)
     iterations: int = _f(2000, "optimisation steps per batch", min=1)
@@ -47,7 +48,11 @@ class SynthesizeSettings:
     lr_pyramid: float = _f(5e-4, "Adam lr of the Feature Transfer Pyramid", min=0.0)
     lr_scaling: float = _f(5e-2, "Adam lr of Adaptive Channel Scaling", min=0.0)
     lr_pixels: float = _f(0.05, "Adam lr on pixels (DeepInversion/ADI)", min=0.0)
-    lr_latent: float = _f(1e-3, "Adam lr of the latent codes (CMI)", min=0.0)
+    lr_latent: float = _f(1e-3, "Adam lr of the latent codes (CMI, fast-ni)", min=0.0)
+    meta_update: str = _f("reptile", "fast-ni: how the meta-generator learns from each batch's adaptation", choices=["reptile", "fomaml"])
+    meta_lr: Optional[float] = _f(None, "fast-ni: Adam lr of the meta-generator (default: lr_generator x iterations, as Fast-DFKD)", min=0.0)
+    meta_shards: Optional[int] = _f(None, "fast-ni: leading shards that keep meta-learning, made in order; later shards start from the frozen meta-generator and run in parallel under torchrun (null: every shard learns)", min=0)
+    meta_pyramid: bool = _f(True, "fast-ni: meta-learn the Feature Transfer Pyramid too (off: a fresh pyramid per batch)")
     latent_dim: int = _f(1024, "generator latent size (NaturalInversion table 6: 1024)", min=1)
     generator_width: int = _f(128, "widest generator conv (table 6: 128); narrower for tiny teachers, where the generator would cost more than the teacher", min=4)
     alpha_mean: float = _f(5.0, "Adaptive Channel Scaling init mean (paper: N(5,1))")
@@ -60,12 +65,12 @@ class SynthesizeSettings:
     first_bn_multiplier: float = _f(1.0, "extra weight on the first statistics layer (DeepInversion uses 10)", min=0.0)
     lambda_tv: float = _f(6e-3, "weight of total variation", min=0.0)
     lambda_l2: float = _f(1.5e-5, "weight of the l2 image prior", min=0.0)
-    lambda_adi: float = _f(0.0, "weight of the ADI competition term (used when method=adi; 0 picks 1.0)", min=0.0)
+    lambda_adi: float = _f(1.0, "weight of the ADI competition term (used when method=adi; 0 switches it off)", min=0.0)
     lambda_cmi: float = _f(0.8, "weight of the contrastive term (CMI)", min=0.0)
     cmi_temperature: float = _f(0.1, "temperature of the contrastive loss (CMI)", min=0.0, min_exclusive=True)
     cmi_bank_size: int = _f(4096, "memory bank size in embeddings (CMI)", min=0)
     cmi_head_dim: int = _f(128, "projection head output size (CMI)", min=1)
-    adi_student: Optional[str] = _f(None, "student architecture that ADI competes against (default: the distill student)")
+    adi_student: Optional[str] = _f(None, "student architecture that ADI competes against (default: resnet20 for inputs up to 64 px, resnet18 above)")
     jitter: int = _f(2, "random translation in pixels applied before each teacher pass", min=0)
     flip: bool = _f(True, "random horizontal flip before each teacher pass")
     stats: Optional[str] = _f(None, "class-conditional statistics file (from `dfcompress stats`); required for BN-free teachers")

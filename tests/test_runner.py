@@ -255,21 +255,60 @@ def test_two_ranks_equal_one(tmp_path):
 
 # -- real synthesizers ---------------------------------------------------------------------------
 
-def test_adi_student_carries_over_and_resumes_exactly(tmp_path):
-    pytest.importorskip("dfcompress.inversion.synthesizers.deepinversion")
-    settings = make_settings(n=3, batch=1, iterations=2, method="adi", adi_student="digits_cnn")
-    teacher = tiny_teacher()
-    manifest = synthesize(teacher, settings, tmp_path / "clean", CPU)
-    assert manifest["sequential"] is True and manifest["method"] == "adi"
-    assert len(list((tmp_path / "clean" / "shards").glob("adi_student-*.safetensors"))) == 3
+STATEFUL = {  # methods whose batches depend on earlier ones: (settings, sequential shards of 3)
+    "adi": (dict(method="adi", adi_student="digits_cnn"), 3),
+    "cmi": (dict(method="cmi", latent_dim=16, cmi_bank_size=64, cmi_head_dim=8), 3),
+    "fast-ni": (dict(method="fast-ni", latent_dim=16, meta_shards=2), 2),
+}
+
+
+@pytest.mark.parametrize("method", list(STATEFUL))
+def test_stateful_methods_carry_state_and_resume_exactly(tmp_path, method):
+    extra, sequential = STATEFUL[method]
+    settings = make_settings(n=6, batch=2, iterations=2, **extra)
+    manifest = synthesize(tiny_teacher(), settings, tmp_path / "clean", CPU)
+    assert manifest["sequential_shards"] == sequential and manifest["method"] == method
+    assert len(list((tmp_path / "clean" / "shards").glob("state-*.safetensors"))) == sequential
     with pytest.raises(KeyboardInterrupt):
         synthesize(tiny_teacher(), settings, tmp_path / "crashed", CPU, progress=CrashingProgress(crash_at=3))
-    synthesize(tiny_teacher(), settings, tmp_path / "crashed", CPU)  # a fresh process: student reloaded from shard 1
+    synthesize(tiny_teacher(), settings, tmp_path / "crashed", CPU)  # a fresh process: state reloaded from shard 1
     assert files(tmp_path / "clean") == files(tmp_path / "crashed")
 
 
+@pytest.mark.parametrize("method", ["cmi", "fast-ni"])
+def test_stateful_methods_on_two_ranks_equal_one(tmp_path, method):
+    """Rank 0 makes the sequential shards, then each rank its share of the rest from the saved state."""
+    extra, _ = STATEFUL[method]
+    settings = make_settings(n=8, batch=2, iterations=2, **extra)
+    synthesize(tiny_teacher(), settings, tmp_path / "one", CPU)
+    waited = []
+    r0 = synthesize(tiny_teacher(), settings, tmp_path / "two", CPU, rank=0, world_size=2, barrier=lambda: waited.append(0))
+    r1 = synthesize(tiny_teacher(), settings, tmp_path / "two", CPU, rank=1, world_size=2, barrier=lambda: waited.append(1))
+    if method == "cmi":  # every shard sequential: rank 0 makes them all, nobody waits
+        assert r0["shards"] == [0, 1, 2, 3] and r1["shards"] == [] and waited == []
+    else:  # meta_shards=2: shards 0-1 on rank 0, then shard k on rank k % 2 from the frozen meta-state
+        assert r0["shards"] == [0, 1, 2] and r1["shards"] == [3] and waited == [0, 1]
+    finalize(tiny_teacher(), settings, tmp_path / "two")
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_cmi_memory_bank_spans_shards_and_feeds_the_loss(tmp_path):
+    """Shard 0 starts with an empty bank in both runs; shard 1's contrastive loss sees shard 0's features only with a bank."""
+    made = {}
+    for bank in (64, 0):
+        settings = make_settings(n=4, batch=2, iterations=2, method="cmi", latent_dim=16, cmi_bank_size=bank, cmi_head_dim=8)
+        synthesize(tiny_teacher(), settings, tmp_path / str(bank), CPU)
+        made[bank] = SyntheticSet(tmp_path / str(bank))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "64" / "shards" / "state-00001.safetensors"), framework="pt") as f:
+        bank_rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.startswith("bank")]
+    assert bank_rows == [4]  # both shards' images are in the bank after shard 1
+    assert torch.equal(made[64].shard(0)[0], made[0].shard(0)[0])
+    assert not torch.equal(made[64].shard(1)[0], made[0].shard(1)[0])
+
+
 def test_naturalinversion_end_to_end(tmp_path):
-    pytest.importorskip("dfcompress.inversion.synthesizers.naturalinversion")
     settings = make_settings(n=4, batch=2, iterations=3, method="naturalinversion", latent_dim=16)
     manifest = synthesize(tiny_teacher(), settings, tmp_path, CPU)
     assert manifest["method"] == "naturalinversion" and manifest["num_images"] == 4

@@ -151,18 +151,20 @@ def test_global_rng_does_not_matter(digits):
     assert torch.equal(a.images01, b.images01)
 
 
-def test_cmi_memory_bank_is_per_shard(digits):
+def test_cmi_memory_bank_grows_bounded_and_round_trips(digits):
     teacher, *_ = digits
     synth = build_synthesizer(teacher, SynthesizeSettings(method="cmi", iterations=3, **dict(SMALL, cmi_bank_size=30)), CPU)
     first = synth.synthesize_batch(LABELS, seed=1)
+    assert synth.bank is None and first.history[0]["cmi"] > 0  # negatives from the batch itself only
+    synth.after_batch(first.images01, torch.zeros(20, 10))
     assert synth.bank is not None and synth.bank.shape[0] == 20
+    state = copy.deepcopy(synth.state())
     second = synth.synthesize_batch(LABELS, seed=2)
-    assert synth.bank.shape[0] == 30  # bounded by cmi_bank_size
-    synth.reset_memory()
-    assert synth.bank is None and synth.head is None
-    again = synth.synthesize_batch(LABELS, seed=1)
-    assert torch.equal(first.images01, again.images01)  # a shard restarts from a clean bank: pure again
-    assert second.history[0]["cmi"] > 0
+    synth.after_batch(second.images01, torch.zeros(20, 10))
+    assert synth.bank.shape[0] == 30  # bounded by cmi_bank_size, newest first
+    other = build_synthesizer(teacher, SynthesizeSettings(method="cmi", iterations=3, **dict(SMALL, cmi_bank_size=30)), CPU)
+    other.load_state(state)
+    assert torch.equal(other.synthesize_batch(LABELS, seed=2).images01, second.images01)  # the state is all it carries
 
 
 def test_adi_student_learns_and_round_trips(digits):
@@ -425,3 +427,39 @@ def test_upsample_conv_equals_nearest_upsample_then_conv():
     # odd sizes and channels_last input give the same function
     x2 = torch.randn(3, 5, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
     assert torch.allclose(upsample2_conv3x3(x2, conv), conv(F.interpolate(x2, scale_factor=2, mode="nearest")), atol=1e-5)
+
+
+# ------------------------------------------------------------------ fast NaturalInversion (meta-learned generator)
+
+
+def _fast_ni_probe_loss(teacher, meta_learn: bool, meta_update: str = "reptile") -> float:
+    """Final loss of a new batch after K steps from the meta-initialisation, after 6 batches with or without meta-learning."""
+    s = SynthesizeSettings(method="fast-ni", iterations=4, meta_update=meta_update, **SMALL)
+    synth = build_synthesizer(teacher, s, CPU)
+    for b in range(6):
+        res = synth.synthesize_batch(LABELS, seed=b)
+        if meta_learn:
+            synth.after_batch(res.images01, torch.zeros(20, 10))
+    probe = synth.synthesize_batch(LABELS, seed=100)
+    return sum(row["total"] for row in probe.history[-2:]) / 2
+
+
+@pytest.mark.parametrize("meta_update", ["reptile", "fomaml"])
+def test_fast_ni_meta_initialisation_reaches_a_lower_loss_in_k_steps(digits, meta_update):
+    teacher, *_ = digits
+    fresh = _fast_ni_probe_loss(teacher, meta_learn=False, meta_update=meta_update)  # the untrained initialisation
+    learnt = _fast_ni_probe_loss(teacher, meta_learn=True, meta_update=meta_update)
+    assert learnt < 0.8 * fresh
+
+
+def test_fast_ni_state_round_trips_and_is_all_it_carries(digits):
+    teacher, *_ = digits
+    s = SynthesizeSettings(method="fast-ni", iterations=3, **SMALL)
+    synth = build_synthesizer(teacher, s, CPU)
+    synth.after_batch(synth.synthesize_batch(LABELS, seed=0).images01, torch.zeros(20, 10))
+    state = copy.deepcopy(synth.state())
+    assert set(state) == {"meta", "optimizer"} and any(k.startswith("pyramid.") for k in state["meta"])
+    expected = synth.synthesize_batch(LABELS, seed=1).images01
+    other = build_synthesizer(teacher, s, CPU)
+    other.load_state(state)
+    assert torch.equal(other.synthesize_batch(LABELS, seed=1).images01, expected)

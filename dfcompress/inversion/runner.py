@@ -7,9 +7,12 @@ shards ran before. A finished shard is marked by a sidecar JSON written *after* 
 crashed run re-entered with the same command skips what is done and produces byte-identical files
 on CPU. ``manifest.json`` is written last and means "complete".
 
-ADI (a synthesizer with a ``student``) is the exception to shard independence: its student learns
-from every batch, so shards are made in order on one process, and the student's state after shard
-k is saved as ``shards/adi_student-0000k.safetensors`` to resume exactly.
+Methods with carried state (ADI's student, CMI's memory bank, fast NaturalInversion's meta-generator)
+declare how many leading shards depend on the batches before them (``Synthesizer.sequential_shards``).
+Those are made in order on one process, and the state after shard k is saved as
+``shards/state-0000k.safetensors`` to resume exactly. The state after the last sequential shard is
+frozen: every later shard starts from it, so later shards are pure functions of their index again and
+ranks make them in parallel once rank 0 has finished the sequential ones.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,6 +39,7 @@ from ..progress import log
 from ..progress import progress as progress_ctx
 from ..settings import Settings
 from .synthesizers.base import BatchResult, Synthesizer
+from .synthesizers.fast_ni import FAST_METHOD
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "dfcompress-synthesize-run/1"
@@ -98,8 +103,8 @@ def _loss_file(out: Path, k: int) -> Path:
     return out / SHARD_DIR / f"shard-{k:05d}.loss.json"
 
 
-def _student_file(out: Path, k: int) -> Path:
-    return out / SHARD_DIR / f"adi_student-{k:05d}.safetensors"
+def _state_file(out: Path, k: int) -> Path:
+    return out / SHARD_DIR / f"state-{k:05d}.safetensors"
 
 
 def _shard_done(out: Path, k: int, count: int, key: str, sequential: bool) -> Optional[dict]:
@@ -108,7 +113,7 @@ def _shard_done(out: Path, k: int, count: int, key: str, sequential: bool) -> Op
     shard = out / shard_file(k)
     if not side or side.get("run_key") != key or side.get("count") != count or not shard.is_file():
         return None
-    if not _loss_file(out, k).is_file() or (sequential and not _student_file(out, k).is_file()):
+    if not _loss_file(out, k).is_file() or (sequential and not _state_file(out, k).is_file()):
         return None
     if sha256_file(shard) != side.get("sha256"):
         return None
@@ -152,7 +157,7 @@ def _encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> 
         return {"l": [_encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)], "tuple": isinstance(obj, tuple)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return {"v": obj}
-    raise TypeError(f"cannot persist {type(obj).__name__} in the ADI student state")
+    raise TypeError(f"cannot persist {type(obj).__name__} in a synthesizer state")
 
 
 def _decode_tree(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -166,30 +171,29 @@ def _decode_tree(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return node["v"]
 
 
-def _save_student(synth: Synthesizer, path: Path) -> None:
-    """Student weights (and optimiser state, when the synthesizer exposes ``student_state()``) as safetensors."""
+_STATE_KEY = "dfcompress-synthesizer-state/1"
+
+
+def _save_state(synth: Synthesizer, path: Path) -> None:
+    """The synthesizer's carried state (``Synthesizer.state()``) as safetensors, written atomically."""
     from safetensors.torch import save_file
 
-    state = synth.student_state() if hasattr(synth, "student_state") else synth.student.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    tree = _encode_tree(state, tensors)
+    tree = _encode_tree(synth.state(), tensors)
     with atomic_path(path) as tmp:
         # one metadata key: safetensors does not keep the order of several, which would break byte-identity
-        save_file(tensors, str(tmp), metadata={"dfcompress-adi-student/1": json.dumps(tree, sort_keys=True)})
+        save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(tree, sort_keys=True)})
 
 
-def _load_student(synth: Synthesizer, path: Path) -> None:
+def _load_state(synth: Synthesizer, path: Path) -> None:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise UserError(f"{path} is missing, so the ADI run cannot resume exactly; pass --overwrite to start over")
+        raise UserError(f"{path} is missing, so the {synth.name} run cannot resume exactly; pass --overwrite to start over")
     with safe_open(str(path), framework="pt", device="cpu") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = _decode_tree(json.loads((f.metadata() or {})["dfcompress-adi-student/1"]), tensors)
-    if hasattr(synth, "load_student_state"):
-        synth.load_student_state(state)
-    else:
-        synth.student.load_state_dict(state)
+        state = _decode_tree(json.loads((f.metadata() or {})[_STATE_KEY]), tensors)
+    synth.load_state(state)
 
 
 # -- one shard -----------------------------------------------------------------------------------
@@ -217,12 +221,12 @@ def _make_batch(synth: Synthesizer, labels: torch.Tensor, seed: int, k: int, b: 
     )
 
 
-def _make_shard(synth, teacher: Teacher, runtime: Runtime, settings: Settings, out: Path, k: int,
-                start: int, stop: int, key: str, on_step) -> dict:
+def _make_shard(synth: Synthesizer, teacher: Teacher, runtime: Runtime, settings: Settings, out: Path, k: int,
+                start: int, stop: int, key: str, on_step, learn: bool) -> dict:
+    """Make shard k; ``learn``: a sequential shard (the synthesizer learns after every batch, state saved)."""
     s = settings.synthesize
     labels = shard_labels(settings.seed, k, start, stop, teacher.num_classes)
-    if hasattr(synth, "reset_memory"):
-        synth.reset_memory()  # CMI's memory bank is per shard, so a shard stays a pure function of its index
+    synth.start_shard(k)
     images, logits, batches, rows = [], [], [], []
     components: list[str] = []
     retries = 0
@@ -234,8 +238,8 @@ def _make_shard(synth, teacher: Teacher, runtime: Runtime, settings: Settings, o
         retries += attempt
         u8 = to_uint8(res.images01)
         lg = teacher_logits(teacher, u8, runtime)
-        if getattr(synth, "student", None) is not None and hasattr(synth, "learn"):
-            synth.learn(u8.float() / 255.0, lg)
+        if learn:
+            synth.after_batch(u8.float() / 255.0, lg)
         images.append(u8)
         logits.append(lg)
         for it, comp in enumerate(res.history):
@@ -249,8 +253,8 @@ def _make_shard(synth, teacher: Teacher, runtime: Runtime, settings: Settings, o
     entry = write_shard(out, k, torch.cat(images), labels, torch.cat(logits), teacher.num_classes, retries)
     width = len(components)
     atomic_write_json(_loss_file(out, k), {"components": components, "rows": [r + [None] * (2 + width - len(r)) for r in rows]})
-    if getattr(synth, "student", None) is not None:
-        _save_student(synth, _student_file(out, k))
+    if learn:
+        _save_state(synth, _state_file(out, k))
     side = dict(entry, index=k, run_key=key, loss={"batches": batches})
     atomic_write_json(_sidecar(out, k), side)
     return side
@@ -267,12 +271,14 @@ def _num(v: Any) -> Optional[float]:
 # -- public API ----------------------------------------------------------------------------------
 
 def synthesize(teacher: Teacher, settings: Settings, out_dir: str | Path, runtime: Runtime, stats=None,
-               rank: int = 0, world_size: int = 1, progress=None, synthesizer: Optional[Synthesizer] = None) -> dict:
+               rank: int = 0, world_size: int = 1, progress=None, synthesizer: Optional[Synthesizer] = None,
+               barrier: Optional[Callable[[], None]] = None) -> dict:
     """Make (or resume) the synthetic set in ``out_dir``; returns the manifest (rank 0, world size 1).
 
-    With ``world_size > 1`` rank r makes shards k with k % world_size == r and returns
-    ``{"rank", "shards"}``; after a barrier rank 0 calls ``finalize(...)`` to write the manifest.
-    ``synthesizer`` overrides ``build_synthesizer`` (tests, custom methods).
+    With ``world_size > 1`` rank r makes the parallel shards k with k % world_size == r (after rank 0 has
+    made the sequential ones, see the module docstring; ``barrier`` waits for it, default
+    ``torch.distributed.barrier``) and returns ``{"rank", "shards"}``; after a barrier rank 0 calls
+    ``finalize(...)`` to write the manifest. ``synthesizer`` overrides ``build_synthesizer`` (tests, custom methods).
     """
     s = settings.synthesize
     if not 0 <= rank < world_size:
@@ -290,43 +296,102 @@ def synthesize(teacher: Teacher, settings: Settings, out_dir: str | Path, runtim
         from .synthesizers import build_synthesizer
 
         synthesizer = build_synthesizer(teacher, s, runtime, stats)
-    sequential = getattr(synthesizer, "student", None) is not None
     ranges = shard_ranges(s.num_images, s.shard_size or s.batch_size)
-    if sequential and world_size > 1:
-        if rank != 0:
-            log(f"rank {rank}: ADI makes shards in order on rank 0 only (its student learns from every batch)")
-            return {"rank": rank, "shards": []}
-        mine = list(range(len(ranges)))
-    else:
-        mine = [k for k in range(len(ranges)) if k % world_size == rank]
+    num_seq = min(len(ranges), max(0, synthesizer.sequential_shards(len(ranges))))
+    sequential = list(range(num_seq)) if rank == 0 else []
+    parallel = [k for k in range(num_seq, len(ranges)) if k % world_size == rank]
+    if world_size > 1 and num_seq and rank != 0:
+        log(f"rank {rank}: waiting for rank 0 to make the first {num_seq} shard(s) in order ({s.method} learns from every batch there)")
+    key = record["run_key"]
 
     with contextlib.ExitStack() as stack:
         bar = progress if progress is not None else stack.enter_context(progress_ctx())
-        task = bar.add_task(f"synthesize ({s.method})", total=len(mine), info="")
+        task = bar.add_task(f"synthesize ({s.method})", total=len(sequential) + len(parallel), info="")
+        projection = _Projection(s, len(sequential) + len(parallel))
 
         def on_step(k: int, b: int, it: int, comp: dict) -> None:
+            projection.step(it)
             if it % 10 == 0:
                 total = comp.get("total")
                 bar.update(task, info=f"shard {k} batch {b} it {it}" + (f" loss {total:.4g}" if total is not None else ""))
 
-        done = [k for k in mine if _shard_done(out, k, ranges[k][1] - ranges[k][0], record["run_key"], sequential)]
+        done = {k for k in sequential + parallel if _shard_done(out, k, ranges[k][1] - ranges[k][0], key, k < num_seq)}
         if done:
-            log(f"resuming {out}: {len(done)} of {len(mine)} shards already finished")
-        need_student = False
-        for k in mine:
-            start, stop = ranges[k]
+            log(f"resuming {out}: {len(done)} of {len(sequential) + len(parallel)} shards already finished")
+        state_is_current = True  # the synthesizer's in-memory state is the one shard k needs
+        for k in sequential:
             if k in done:
-                need_student = sequential
+                state_is_current = False
                 bar.advance(task)
                 continue
-            if need_student and k > 0:
-                _load_student(synthesizer, _student_file(out, k - 1))
-            need_student = False
-            _make_shard(synthesizer, teacher, runtime, settings, out, k, start, stop, record["run_key"], on_step)
+            if not state_is_current and k > 0:
+                _load_state(synthesizer, _state_file(out, k - 1))
+            state_is_current = True
+            _make_shard(synthesizer, teacher, runtime, settings, out, k, *ranges[k], key, on_step, learn=True)
+            bar.advance(task)
+        if world_size > 1 and num_seq and num_seq < len(ranges):
+            _wait_for(barrier)  # every rank starts the parallel shards from rank 0's frozen state
+        if parallel and num_seq:
+            _load_state(synthesizer, _state_file(out, num_seq - 1))  # the frozen state, identical on every rank
+        for k in parallel:
+            if k not in done:
+                _make_shard(synthesizer, teacher, runtime, settings, out, k, *ranges[k], key, on_step, learn=False)
             bar.advance(task)
     if world_size > 1:
-        return {"rank": rank, "shards": mine}
+        return {"rank": rank, "shards": sequential + parallel}
     return finalize(teacher, settings, out, stats=stats)
+
+
+def _wait_for(barrier: Optional[Callable[[], None]]) -> None:
+    if barrier is None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("world_size > 1 needs a barrier (or an initialised torch.distributed process group)")
+        barrier = dist.barrier
+    barrier()
+
+
+class _Projection:
+    """Times the first iterations of the first batch made and logs the projected synthesis time, once.
+
+    A CPU run of the paper protocol is hours; saying so up front (and what would be faster) beats a
+    progress bar that only reveals it slowly.
+    """
+
+    WARMUP, MEASURE = 1, 3   # skip the first iteration (allocations), time the next ones
+    LONG_S = 600.0
+
+    def __init__(self, settings, shards: int):
+        self.settings = settings
+        self.batches = shards * math.ceil((settings.shard_size or settings.batch_size) / settings.batch_size)
+        self.stamps: list[float] = []
+
+    def step(self, iteration: int) -> None:
+        if len(self.stamps) > self.MEASURE or self.batches == 0:
+            return
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == self.MEASURE + 1:
+            per_it = (self.stamps[-1] - self.stamps[self.WARMUP]) / (self.MEASURE - self.WARMUP)
+            log(self.message(per_it))
+
+    def message(self, per_iteration_s: float) -> str:
+        s = self.settings
+        total = per_iteration_s * s.iterations * self.batches
+        text = (f"projected synthesis time: {_duration(total)} ({per_iteration_s:.2f} s per iteration x {s.iterations} "
+                f"iterations x {self.batches} batch(es) of {s.batch_size})")
+        if total > self.LONG_S and s.method == "naturalinversion":
+            text += (f"; --method {FAST_METHOD} makes a set at least as useful with about a tenth of the teacher passes "
+                     "(bench/RESULTS.md)")
+        return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @torch.no_grad()
@@ -360,7 +425,7 @@ def finalize(teacher: Teacher, settings: Settings, out_dir: str | Path, stats=No
         method=s.method, settings=dataclasses.asdict(s), seed=settings.seed, teacher=teacher, shards=entries,
         shard_size=s.shard_size or s.batch_size,
         extra={"run_key": record["run_key"], "stats": record["stats"], "label_rule": LABEL_RULE,
-               "sequential": any(_student_file(out, k).is_file() for k in range(len(ranges))),
+               "sequential_shards": sum(_state_file(out, k).is_file() for k in range(len(ranges))),
                "preview_classes": preview_classes, "loss": loss_summary,
                "files": {"preview": "preview.png", "loss_csv": "loss.csv", "loss_png": "loss.png"}},
     )

@@ -9,6 +9,8 @@ def build_synthesizer(teacher, settings, runtime, stats=None) -> Synthesizer:
     method = settings.method
     if method == "naturalinversion":
         from .naturalinversion import NaturalInversion as cls
+    elif method == "fast-ni":
+        from .fast_ni import FastNaturalInversion as cls
     elif method in ("deepinversion", "adi"):
         from .deepinversion import DeepInversion as cls
     elif method == "cmi":

@@ -10,13 +10,17 @@ sigmoid output in pixel space and an optimised latent z. Each iteration makes tw
 Both go through a small MLP projection head h; L_cr is InfoNCE where query i's positive is key i and
 the negatives are the other images of the batch plus a memory bank of features of earlier batches.
 
-The memory bank and the head make a batch depend on the batches before it. To keep every *shard* a
-pure function of its inputs, both are per shard: the runner calls ``reset_memory()`` when it starts a
-shard, and the head is then re-initialised from the seed of the shard's first batch.
+The memory bank and the head carry over from batch to batch, as the paper intends: the bank holds the
+features of the images of earlier batches (the negatives that make the loss contrastive across the
+set, not only within a batch) and the head keeps learning. So every CMI shard depends on the ones
+before it: the runner makes them in order (``sequential_shards``), feeds each finished batch to
+``after_batch`` (which adds its stored images' features to the bank) and saves ``state()`` -- bank and
+head -- after every shard, so a resumed run continues bit-identically. The head is initialised from
+the seed of the first batch made.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +69,7 @@ class ProjectionHead(nn.Module):
 
 
 class ContrastiveModelInversion(Synthesizer):
-    """CMI with a per-shard memory bank of penultimate features (``reset_memory()`` starts a new shard)."""
+    """CMI with a memory bank of penultimate features of earlier batches and a head that keeps learning."""
 
     name = "cmi"
 
@@ -73,19 +77,48 @@ class ContrastiveModelInversion(Synthesizer):
         super().__init__(teacher, settings, runtime, stats)
         self.embed_at = embedding_tap(self.model, tuple(teacher.input_shape))
         self.head: Optional[ProjectionHead] = None
-        self.bank: Optional[Tensor] = None  # [M, D] pre-head features of earlier batches of this shard
+        self.bank: Optional[Tensor] = None  # [M, D] pre-head features of the stored images of earlier batches
 
-    def reset_memory(self) -> None:
-        """Forget the memory bank and the projection head (call at the start of every shard)."""
-        self.head, self.bank = None, None
+    # -- carried state: every shard depends on the batches before it ------------------------------
 
-    def _remember(self, feats: Tensor) -> None:
+    def sequential_shards(self, num_shards: int) -> int:
+        return num_shards
+
+    @torch.no_grad()
+    def after_batch(self, images01: Tensor, teacher_logits: Tensor) -> None:
+        """Add the features of the batch as stored (uint8 pixels) to the bank, newest first."""
         size = self.settings.cmi_bank_size
         if size <= 0:
             return
-        feats = feats.detach().float()
-        bank = feats if self.bank is None else torch.cat([feats, self.bank])  # newest first
+        rt = self.runtime
+        embed = FeatureTaps(self.model, [self.embed_at])
+        try:
+            with frozen(self.model) as model, rt.autocast():
+                model(self.teacher.normalize(rt.tensor(images01.float())))
+            feats = _flat(embed[self.embed_at[0]]).detach()
+        finally:
+            embed.remove()
+        bank = feats if self.bank is None else torch.cat([feats, self.bank])
         self.bank = bank[:size]
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.head is not None:
+            out["head"] = self.head.state_dict()
+        if self.bank is not None:
+            out["bank"] = self.bank
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        head = state.get("head")
+        if head is not None:
+            first, last = head["net.0.weight"], head["net.2.weight"]
+            self.head = self.runtime.prepare(ProjectionHead(first.shape[1], last.shape[0]))
+            self.head.load_state_dict(head)
+        else:
+            self.head = None
+        bank = state.get("bank")
+        self.bank = bank.to(self.runtime.device) if bank is not None else None
 
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
         s, rt = self.settings, self.runtime
@@ -140,11 +173,8 @@ class ContrastiveModelInversion(Synthesizer):
                     record({"total": total, **parts, "acc": acc}, it, history, on_step, self.name)
                     keeper.update(image, total, ce_i, s.lambda_ce)
                     step(total)
-                assert keeper.images is not None
-                with torch.no_grad(), rt.autocast():
-                    model(keeper.images)
-                self._remember(_flat(embed[self.embed_at[0]]))
             finally:
                 stats_term.close()
                 embed.remove()
+        assert keeper.images is not None
         return BatchResult(images01=to_pixels(self.teacher, keeper.images), history=history, best_loss=keeper.best_loss())

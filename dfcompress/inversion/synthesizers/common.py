@@ -212,16 +212,25 @@ def adam(params: Any, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 class Stepper:
-    """zero_grad / (scaled) backward / step for a set of optimisers; GradScaler is a no-op unless fp16."""
+    """zero_grad / (scaled) backward / step for a set of optimisers; GradScaler is a no-op unless fp16.
 
-    def __init__(self, runtime: Runtime, optimizers: Sequence[torch.optim.Optimizer]):
+    ``after_backward`` sees the gradients before the step (FOMAML sums them into its meta-gradient).
+    """
+
+    def __init__(self, runtime: Runtime, optimizers: Sequence[torch.optim.Optimizer],
+                 after_backward: Optional[Callable[[], None]] = None):
         self.scaler = runtime.grad_scaler()
         self.optimizers = list(optimizers)
+        self.after_backward = after_backward
 
     def __call__(self, loss: Tensor) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.after_backward is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)  # true gradients for the hook; step() does not unscale twice
+            self.after_backward()
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()

@@ -6,9 +6,9 @@ under jitter/flip; after each step the pixels are clipped to the valid [0, 1] pi
 
 ADI (``method="adi"``) adds the competition term 1 - JS(teacher, student)/ln2 so the images land where a
 student still disagrees with the teacher. The student lives in the synthesizer: the runner calls
-``learn(images01, teacher_logits)`` after each batch (a few KD steps) and persists it between shards
-with ``student_state()`` / ``load_student_state()`` — which makes ADI batches depend on the batches
-before them, unlike every other method.
+``after_batch(images01, teacher_logits)`` after each batch (a few KD steps) and persists it between
+shards with ``state()`` / ``load_state()`` — which makes every ADI batch depend on the batches before
+it, so all ADI shards are sequential.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class DeepInversion(Synthesizer):
         super().__init__(teacher, settings, runtime, stats)
         self.adi = settings.method == "adi"
         self.name = "adi" if self.adi else "deepinversion"
-        self.lambda_adi = (settings.lambda_adi or 1.0) if self.adi else 0.0
+        self.lambda_adi = settings.lambda_adi if self.adi else 0.0  # 0 switches the competition off
         self.student: Optional[nn.Module] = None
         self._student_opt: Optional[torch.optim.Optimizer] = None
         if self.adi:
@@ -105,6 +105,18 @@ class DeepInversion(Synthesizer):
 
     # ------------------------------------------------------------------------------------------
     # ADI student
+
+    def sequential_shards(self, num_shards: int) -> int:
+        return num_shards if self.student is not None else 0
+
+    def after_batch(self, images01: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+        self.learn(images01, teacher_logits)
+
+    def state(self) -> dict[str, Any]:
+        return self.student_state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.load_student_state(state)
 
     def learn(self, images01: torch.Tensor, teacher_logits: torch.Tensor, steps: int = LEARN_STEPS) -> Optional[float]:
         """A few deterministic KD steps (SGD) of the student on a finished batch (and its mirror image).

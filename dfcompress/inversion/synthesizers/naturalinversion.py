@@ -21,7 +21,7 @@ needs weight gradients), so on ResNet-56 an iteration costs ~1.5x the bare teach
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,27 +61,44 @@ class NaturalInversion(Synthesizer):
         )
 
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
+        rng = torch.Generator().manual_seed(int(seed))
+        gen = self.build_generator(derive_seed(rng))
+        ftp = self.build_pyramid(derive_seed(rng)) if self.settings.use_pyramid else None
+        return self.optimise(gen, ftp, labels, rng, on_step)
+
+    def optimise(self, gen: ConditionalGenerator, ftp: Optional[FeatureTransferPyramid], labels: torch.Tensor,
+                 rng: torch.Generator, on_step: Optional[StepCallback] = None, *, learn_latent: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), after_backward: Optional[Callable[[], None]] = None) -> BatchResult:
+        """Algorithm 1's loop for ``settings.iterations`` steps from the given generator and pyramid.
+
+        ``gen``/``ftp`` are optimised in place (fast NaturalInversion reads them back afterwards); the
+        channel scaling and the latent are drawn from ``rng`` here, fresh for every batch. ``learn_latent``
+        also optimises z (Adam, ``lr_latent``), as Fast-DFKD does with its short inner loop.
+        """
         s, rt = self.settings, self.runtime
         dev = rt.device
-        rng = torch.Generator().manual_seed(int(seed))
         labels_cpu = labels.detach().to("cpu", torch.long)
         b = labels_cpu.shape[0]
         c = self.teacher.input_shape[0]
 
-        gen = rt.prepare(self.build_generator(derive_seed(rng)))
-        ftp = rt.prepare(self.build_pyramid(derive_seed(rng))) if s.use_pyramid else None
+        gen = rt.prepare(gen)
+        ftp = rt.prepare(ftp) if ftp is not None else None
         acs = ChannelScaling(b, c, s.alpha_mean, s.alpha_std, rng, learnable=s.use_scaling).to(dev)
-        z = torch.randn(b, s.latent_dim, generator=rng)
-        zy = gen.latent(z, labels_cpu).to(dev)
+        z = torch.randn(b, s.latent_dim, generator=rng).to(dev)
+        onehot = F.one_hot(labels_cpu, self.teacher.num_classes).to(z.dtype).to(dev)
         y = labels_cpu.to(dev)
         index = losses.ClassIndex(y)
 
-        groups = [adam(gen.parameters(), lr=s.lr_generator)]
+        groups = [adam(gen.parameters(), lr=s.lr_generator, betas=betas)]
+        zy = torch.cat([z, onehot], dim=1)  # fixed unless learnt
+        if learn_latent:
+            z.requires_grad_(True)
+            groups.append(adam([z], lr=s.lr_latent, betas=betas))
         if ftp is not None:
-            groups.append(adam(ftp.parameters(), lr=s.lr_pyramid))
+            groups.append(adam(ftp.parameters(), lr=s.lr_pyramid, betas=betas))
         if s.use_scaling:
-            groups.append(adam(acs.parameters(), lr=s.lr_scaling))
-        step = Stepper(rt, groups)
+            groups.append(adam(acs.parameters(), lr=s.lr_scaling, betas=betas))
+        step = Stepper(rt, groups, after_backward)
         keeper, history = BestKeeper(), []
         lo, hi = pixel_bounds(self.teacher, dev)
 
@@ -92,7 +109,7 @@ class NaturalInversion(Synthesizer):
                 for it in range(s.iterations):
                     with rt.autocast():
                         with _scope("ni/generator"):
-                            g = gen(zy)
+                            g = gen(torch.cat([z, onehot], dim=1) if learn_latent else zy)
                         if ftp is not None and stage_taps is not None:
                             with _scope("ni/feature_pass"):
                                 feats = stage_taps.capture(model, g.detach())
