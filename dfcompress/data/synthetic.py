@@ -21,6 +21,7 @@ from safetensors.torch import save as _st_save
 from torch.utils.data import Dataset
 
 from .. import __version__
+from ..device import place
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from ..models.teacher import Teacher
@@ -53,7 +54,7 @@ def teacher_logits(teacher: Teacher, images_uint8: torch.Tensor, runtime=None, b
     module = teacher.module
     was_training = module.training
     module.eval()
-    device = runtime.device if runtime is not None else _module_device(module)
+    device = place(module, runtime)
     outs = []
     try:
         for start in range(0, images_uint8.shape[0], batch_size):
@@ -68,11 +69,6 @@ def teacher_logits(teacher: Teacher, images_uint8: torch.Tensor, runtime=None, b
     if not torch.isfinite(logits).all():
         raise UserError(f"the teacher {teacher.source} produces NaN/inf logits on valid images; check the model file and its --mean/--std")
     return logits.contiguous()
-
-
-def _module_device(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def encode_shard(images_uint8: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> bytes:
