@@ -239,12 +239,7 @@ class SyntheticSet(Dataset):
         return self._len
 
     def __getitem__(self, index: int):
-        if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
-            raise IndexError(index)
-        k = bisect.bisect_right(self._starts, index) - 1
-        row = index - self._starts[k]
+        k, row = self.locate(index)
         h = self._handle(k)
         image = h.get_slice("images")[row:row + 1][0].float().div_(255.0)
         label = h.get_slice("labels")[row:row + 1][0]
@@ -252,6 +247,15 @@ class SyntheticSet(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, label, logits
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row in that shard) of item ``index``."""
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        k = bisect.bisect_right(self._starts, index) - 1
+        return k, index - self._starts[k]
 
     def shard(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Whole shard ``k`` as (images uint8, labels, logits): fast sequential access for callers that want it."""
