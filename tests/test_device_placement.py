@@ -171,3 +171,27 @@ def test_export_device_is_honoured_or_refused(tmp_path):
     ok = run("--device", "cpu", "-o", "c.onnx")
     assert ok.returncode == 0, ok.stderr
     assert "CPUExecutionProvider" in ok.stdout
+
+
+def test_gpu_check_script_parses_and_lists_its_steps():
+    """bench/gpu_check.sh cannot run without a GPU; its syntax and plan can (within the 8-minute budget)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    plan = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, cwd="/")
+    assert plan.returncode == 0, plan.stderr
+    steps = [line.split() for line in plan.stdout.splitlines()]
+    assert [s[0] for s in steps] == ["setup", "tests", "demo", "speed", "quality"]
+    assert sum(int(s[1].rstrip("s")) for s in steps) <= 8 * 60
+    assert all("--device cuda" in line for line in plan.stdout.splitlines()[2:])
+    assert "-m device" in plan.stdout and "--quick" in plan.stdout and "--budget tiny" in plan.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_kd_loader_pins_batches_for_cuda(tmp_path):
+    from dfcompress.compress.loader import KDLoader
+
+    synth = digits_as_synthetic_set(tmp_path / "syn", digits_teacher(), n=32, shard_size=8)
+    images, labels, logits = next(iter(KDLoader(SyntheticSet(synth), 8, seed=0, pin_memory=True).epoch(0)))
+    assert images.is_pinned() and labels.is_pinned() and logits.is_pinned()
