@@ -24,6 +24,7 @@ CPU time (and CUDA time on a GPU), grouped into categories.
     .venv/bin/python bench/speed.py                    # full: both teachers, batch 64 and 256
     .venv/bin/python bench/speed.py --quick --profile  # smoke run + profile
     .venv/bin/python bench/speed.py --device cuda      # on a GPU: fp32 and AMP + channels_last variants
+    .venv/bin/python bench/speed.py --kd only --quick  # only the KD loop against the bare teacher fwd + student step
 
 Writes ``bench/results/speed.json`` and ``.md`` (``speed-quick.*`` with ``--quick``). Not a test.
 """
@@ -354,8 +355,116 @@ def use_literal_generator() -> None:
     generator.upsample2_conv3x3 = lambda x, conv: conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+
+# ----------------------------------------------------------------------------------------------
+# KD loop: images/s of train_kd against the bare teacher-forward + student-step on one resident batch
+
+
+class _LegacyLoader:
+    """The KD input pipeline before compress/loader.py (per-image safetensors slices, DistributedSampler,
+    num_workers=0), kept here only to measure what the new one changed."""
+
+    def __init__(self, dataset, batch_size, seed, rank=0, world_size=1, pin_memory=False, **_):
+        from torch.utils.data import DistributedSampler
+
+        self.dataset, self.batch = dataset, batch_size
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.drop_last = len(self.sampler) > batch_size
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch if self.drop_last else -(-n // self.batch)
+
+    def epoch(self, epoch: int):
+        from torch.utils.data import DataLoader
+
+        self.sampler.set_epoch(epoch)
+        return iter(DataLoader(self.dataset, batch_size=self.batch, sampler=self.sampler, drop_last=self.drop_last, num_workers=0))
+
+
+def measure_kd(cfg: dict[str, Any]) -> dict[str, Any]:
+    """KD loop images/s (new and legacy loader), loader-only images/s, and the bare step's images/s."""
+    import tempfile
+
+    from dfcompress.compress import kd
+    from dfcompress.compress.loader import KDLoader
+    from dfcompress.data.synthetic import SyntheticSet, write_synthetic_set
+
+    rt = make_runtime(cfg["device"], cfg["amp"], cfg["channels_last"])
+    if rt.is_cuda:
+        torch.backends.cudnn.benchmark = True
+    teacher = build_teacher(cfg["kd_teacher"])
+    b, n = cfg["batch"], cfg["kd_images"]
+
+    def student():
+        from dfcompress.compress.distill import build_student
+
+        return build_student(cfg["kd_student"], teacher, seed=0)[1]
+
+    conf = kd.KDConfig(batch_size=b, lr=0.01, temperature=4.0, crop_padding=4, flip=True)
+    res: dict[str, Any] = {"kind": "kd", "teacher": cfg["kd_teacher"], "student": cfg["kd_student"], "batch": b,
+                           "images": n, "variant": cfg["variant"], "device": str(rt.device),
+                           "amp_dtype": str(rt.amp_dtype) if rt.amp_dtype else None, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="dfcompress-kdbench-") as tmp:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (n, *teacher.input_shape), generator=g, dtype=torch.uint8)
+        y = torch.arange(n) % teacher.num_classes
+        write_synthetic_set(tmp, x, y, torch.zeros(n, teacher.num_classes), teacher, shard_size=cfg["kd_shard"])
+        ds = SyntheticSet(tmp)
+
+        def bare() -> float:
+            """The same work on one batch already on the device (no loading, augmentation or checkpoint)."""
+            s = rt.prepare(student()).train()
+            t_mod = rt.prepare(teacher.module).eval()
+            opt = kd.make_optimizer(s, conf)
+            scaler = rt.grad_scaler()
+            xb = rt.tensor(teacher.normalize(x[:b].float().div(255.0).to(rt.device)))
+
+            def step() -> None:
+                with rt.autocast():
+                    with torch.no_grad():
+                        t_logits = t_mod(xb)
+                    loss = kd.kd_loss(s(xb), t_logits, conf.temperature)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+
+            for _ in range(cfg["warmup"]):
+                step()
+            common.sync(rt.device)
+            t0 = time.perf_counter()
+            for _ in range(cfg["iters"]):
+                step()
+            common.sync(rt.device)
+            return cfg["iters"] * b / (time.perf_counter() - t0)
+
+        bares = [bare()]  # before and after the KD epochs: the machine's load can drift between them
+        for name, loader_cls in (("new", KDLoader), ("legacy", _LegacyLoader)):
+            loader = loader_cls(ds, b, 0, pin_memory=rt.is_cuda)
+            t0 = time.perf_counter()
+            count = sum(len(batch[0]) for batch in loader.epoch(0))
+            res[f"loader_{name}_images_per_s"] = round(count / (time.perf_counter() - t0), 1)
+            kd.KDLoader = loader_cls  # what train_kd builds
+            try:
+                kd.train_kd(student(), teacher, ds, conf, rt, Path(tmp) / f"warm-{name}", 1, seed=0)  # warm-up epoch
+                out = kd.train_kd(student(), teacher, ds, conf, rt, Path(tmp) / f"ckpt-{name}", 1, seed=1)
+            finally:
+                kd.KDLoader = KDLoader
+            res[f"kd_{name}_images_per_s"] = round(out["steps_per_epoch"] * b / out["seconds"], 1)
+        bares.append(bare())
+    res["bare_step_images_per_s"] = round(max(bares), 1)  # the faster one: KD / bare errs low, never flatters
+    res["bare_runs_images_per_s"] = [round(v, 1) for v in bares]
+    res["kd_over_bare"] = round(res["kd_new_images_per_s"] / res["bare_step_images_per_s"], 3)
+    res["kd_legacy_over_bare"] = round(res["kd_legacy_images_per_s"] / res["bare_step_images_per_s"], 3)
+    res["peak_rss_mib"] = common.peak_rss_mib()
+    return res
+
+
 def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     common.set_threads(cfg.get("threads"))
+    if cfg.get("kind") == "kd":
+        return measure_kd(cfg)
     if cfg.get("literal_generator"):
         use_literal_generator()
     rt = make_runtime(cfg["device"], cfg["amp"], cfg["channels_last"])
@@ -440,6 +549,16 @@ def markdown(data: dict[str, Any]) -> str:
                                       "pyramid fwd/bwd", "Adam step", "sum of parts", "rest (glue)"], rows))
         lines += ["", "rest = NI ms/iter − sum of parts: jitter/flip, clamp, TV/l2, record(), best-image keeping, "
                   "per-iteration allocations.", ""]
+    if data.get("kd"):
+        lines += ["## KD loop (distill / prune fine-tuning): images/s", ""]
+        rows = [[r.get("teacher"), r.get("student"), r.get("batch"), r.get("variant"), r.get("kd_new_images_per_s"),
+                 r.get("kd_legacy_images_per_s"), r.get("bare_step_images_per_s"), r.get("kd_over_bare"),
+                 r.get("loader_new_images_per_s"), r.get("loader_legacy_images_per_s"), r.get("error")] for r in data["kd"]]
+        lines.append(common.md_table(["teacher", "student", "batch", "variant", "KD loop (shard loader)", "KD loop (legacy loader)",
+                                      "bare teacher fwd + student step", "KD / bare", "shard loader alone",
+                                      "legacy loader alone", "error"], rows))
+        lines += ["", "One epoch of train_kd (crop+flip, checkpoint included) after a warm-up epoch; bare = the same "
+                  "teacher forward + student step on one batch resident on the device.", ""]
     prof = data.get("profile")
     if prof and "error" not in prof:
         p = prof["profile"]
@@ -482,6 +601,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--before", action="store_true",
                     help="also time NaturalInversion with table 6's literal Upsample+Conv generator (the state before "
                          "the fused resize-conv), in the same run")
+    ap.add_argument("--kd", choices=["on", "off", "only"], default="on",
+                    help="also measure the KD loop's images/s against the bare step (only: nothing else)")
+    ap.add_argument("--kd-teacher", default="resnet32")
+    ap.add_argument("--kd-student", default="resnet20")
+    ap.add_argument("--kd-images", type=int, default=None, help="synthetic images in the KD epoch (default 2048; --quick 512)")
+    ap.add_argument("--kd-shard", type=int, default=256, help="images per shard of the KD bench set")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--stem", default=None, help="output file stem (default speed, or speed-quick with --quick)")
@@ -499,7 +624,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     data: dict[str, Any] = {"mode": "quick smoke" if args.quick else "full", "command": " ".join(["bench/speed.py"] + argv),
                             "machine": info, "iters": iters, "warmup": warmup, "runs": []}
     print(f"machine: {common.machine_line(info)}", file=sys.stderr)
+    if args.kd == "only":
+        teachers = []
     for var in variants(args):
+        if args.kd != "off":
+            cfg = {"kind": "kd", "kd_teacher": args.kd_teacher, "kd_student": args.kd_student, "batch": batches[0],
+                   "kd_images": args.kd_images or (512 if args.quick else 2048), "kd_shard": args.kd_shard,
+                   "variant": var["name"], "amp": var["amp"], "channels_last": var["channels_last"],
+                   "device": "cuda" if cuda else "cpu", "iters": iters, "warmup": warmup, "threads": args.threads}
+            print(f"… KD loop {args.kd_teacher} -> {args.kd_student} batch {batches[0]} [{var['name']}]", file=sys.stderr, flush=True)
+            res = spawn(cfg, args.timeout)
+            data.setdefault("kd", []).append(res)
+            print(f"   {res}", file=sys.stderr, flush=True)
         for teacher in teachers:
             for batch in batches:
                 runs = [(m, False) for m in methods]

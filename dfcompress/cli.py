@@ -481,7 +481,8 @@ def export(
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (13-21).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Synthetic set whose images check parity (default: random images).")] = None,
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
-    input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
+    input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N]: where onnxruntime checks parity (the file is traced on the CPU, so it runs anywhere).")] = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
 ) -> None:
     """Export to ONNX (checked against onnxruntime), TorchScript or torch.export .pt2 (checked likewise)."""
@@ -497,6 +498,7 @@ def export(
     if output.exists() and not overwrite:
         raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
     timer = Timer()
+    runtime = _runtime(settings)  # an unusable --device fails here, as in every other command
     teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
     n = settings.export.parity_images
     if data:
@@ -510,7 +512,7 @@ def export(
         check = teacher.normalize(torch.rand((n, *teacher.input_shape), generator=torch.Generator().manual_seed(settings.seed)))
     with timer.section("export"):
         result = export_model(teacher.module, teacher, settings.export.format, output, check, opset=settings.export.opset,
-                              atol=settings.export.parity_atol)
+                              atol=settings.export.parity_atol, prefer_cuda=runtime.is_cuda)
     _finish("export", None, report, inputs={"model": model}, settings=settings, metrics=result, timer=timer,
             outputs={"file": str(output)})
     log(f"exported {output} ({result.get('bytes', 0):,} bytes); max |Δlogit| {result.get('max_abs_diff')}, top-1 agreement {result.get('top1_agreement')}")

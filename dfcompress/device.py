@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -37,16 +37,35 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.needs_grad_scaler)
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move ``module`` (in place, as ``nn.Module.to`` does) to this device, channels_last on CUDA:
+        the one way a module is placed, so weights and the inputs ``tensor`` makes always meet."""
         module = module.to(self.device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         return module
 
     def tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch on this device (non-blocking from pinned memory), channels_last on CUDA."""
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s tensors live (its first parameter, else buffer; CPU for a module with neither)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def place(module: torch.nn.Module, runtime: Optional[Runtime]) -> torch.device:
+    """The device ``module`` will run on: ``runtime``'s (the module is moved there with ``prepare``), or,
+    without a runtime, wherever the module already is. Every stage that feeds a module data asks this."""
+    if runtime is None:
+        return module_device(module)
+    runtime.prepare(module)
+    return runtime.device
 
 
 def resolve_runtime(device: str = "auto", amp: bool = True) -> Runtime:

@@ -5,9 +5,10 @@ on CPU, NCCL on CUDA — and split the work by rank; run plainly, the same code 
 
 * synthesis: rank r makes shards k with ``k % world_size == r`` (``inversion/runner.py``); rank 0
   writes the manifest after a barrier once every shard exists;
-* KD training (distill, prune fine-tuning): ``DistributedSampler`` + ``DistributedDataParallel`` with
+* KD training (distill, prune fine-tuning): one permutation per epoch split across ranks
+  (``compress/loader.py``: ``KDLoader``, ``rank_positions``) + ``DistributedDataParallel`` with
   synchronised BatchNorm (``ddp_model``) and per-rank batch ``batch_size // world_size``
-  (``compress/kd.py``: ``make_sampler``, ``per_rank_batch``, ``wrap_model``), so a step sees the same
+  (``compress/kd.py``: ``per_rank_batch``, ``wrap_model``), so a step sees the same
   global batch as one process would;
 * every file outside the shards is written by rank 0 only; ``distributed_context`` ends with a
   barrier so no rank tears the group down while rank 0 is still writing.

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .device import place
 from .errors import UserError
 from .progress import log
 
@@ -54,7 +55,7 @@ def module_logits(module: nn.Module, images: Tensor, teacher_like: Any, runtime:
     """float32 CPU logits of an eval-mode module on uint8/[0,1] images (normalised with ``teacher_like``)."""
     was_training = module.training
     module.eval()
-    device = runtime.device if runtime is not None else _device_of(module)
+    device = place(module, runtime)
     outs = []
     try:
         for i in range(0, len(images), batch_size):
@@ -76,11 +77,6 @@ def onnx_logits(path_or_session: Any, images: Tensor, teacher_like: Any, batch_s
 
     session = onnx_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
     return torch.from_numpy(run_onnx(session, to_input(images, teacher_like), batch_size))
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------

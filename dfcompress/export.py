@@ -7,6 +7,7 @@ and compared with eager PyTorch before it is moved into place; a file that fails
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import warnings
@@ -78,10 +79,15 @@ def onnx_session(path: str | Path, prefer_cuda: bool = True, threads: int | None
     return ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers(prefer_cuda))
 
 
+def ort_input(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A contiguous float32 host array: onnxruntime reads numpy, so tensors leave any device here."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 def run_onnx(session: Any, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Logits of an onnxruntime session on float32 NCHW input, in batches."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = ort_input(x)
     name = session.get_inputs()[0].name
     outs = [session.run(None, {name: arr[i:i + batch_size]})[0] for i in range(0, len(arr), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
@@ -99,12 +105,14 @@ def parity(reference: torch.Tensor, got: torch.Tensor | np.ndarray) -> tuple[flo
 
 
 def export_model(module: nn.Module, teacher: Any, fmt: str, path: str | Path, check_images: torch.Tensor,
-                 opset: int = 17, atol: float = 1e-3) -> dict[str, Any]:
+                 opset: int = 17, atol: float = 1e-3, prefer_cuda: bool = True) -> dict[str, Any]:
     """Write ``module`` as ``fmt`` to ``path`` (atomically) after a parity check on ``check_images``.
 
     ``teacher`` is anything with ``input_shape``/``num_classes``/``mean``/``std``/``class_names``.
     ``check_images`` are *normalised* float NCHW images. Returns {format, path, bytes, max_abs_diff,
     top1_agreement, opset, check_images, runtime}; raises ExportParityError when max |Δ| > atol.
+    The file is always traced from an fp32 CPU copy (so it runs anywhere); ``prefer_cuda=False`` keeps
+    the ONNX parity check on onnxruntime's CPU provider (``export --device cpu``).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -118,7 +126,8 @@ def export_model(module: nn.Module, teacher: Any, fmt: str, path: str | Path, ch
     example = check[:2] if check.shape[0] >= 2 else check.repeat(2, 1, 1, 1)
     meta = model_metadata(teacher)
     target = Path(path)
-    writer = {"onnx": _write_onnx, "torchscript": _write_torchscript, "pt2": _write_pt2}[fmt]
+    writer = {"onnx": functools.partial(_write_onnx, prefer_cuda=prefer_cuda), "torchscript": _write_torchscript,
+              "pt2": _write_pt2}[fmt]
     with atomic_path(target) as tmp:
         runtime_name, got = writer(model, example, check, tmp, meta, opset)
         max_diff, agree = parity(reference, got)
@@ -139,7 +148,7 @@ def export_model(module: nn.Module, teacher: Any, fmt: str, path: str | Path, ch
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tmp: Path, meta: dict,
-                opset: int) -> tuple[str, np.ndarray]:
+                opset: int, prefer_cuda: bool = True) -> tuple[str, np.ndarray]:
     import onnx
     import onnxruntime as ort
 
@@ -159,7 +168,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tm
     onnx.checker.check_model(proto)
     set_onnx_metadata(proto, META_KEY, json.dumps(meta))
     onnx.save(proto, str(tmp))
-    session = onnx_session(tmp)
+    session = onnx_session(tmp, prefer_cuda=prefer_cuda)
     got = run_onnx(session, check)
     return f"onnxruntime {ort.__version__} ({session.get_providers()[0]})", got
 

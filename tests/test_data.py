@@ -202,6 +202,59 @@ def test_streaming_memory_stays_bounded(tmp_path):
     assert unbounded > total / 2 > bounded, (unbounded, bounded)
 
 
+# -- the KD loader over a synthetic set ------------------------------------------------------------
+
+def test_kd_loader_reads_whole_shards_in_one_exact_permutation(tmp_path, monkeypatch):
+    """Each epoch is one seeded permutation of the training positions, read one whole shard at a time
+    (never row by row), and every batch holds exactly what ``ds[i]`` holds for its positions."""
+    from torch.utils.data import Subset
+
+    from dfcompress.compress.loader import KDLoader
+
+    teacher, x, y = _make_set(tmp_path / "s", n=50, shard_size=4)  # 13 shards: several windows
+    ds = SyntheticSet(tmp_path / "s")
+    train = Subset(ds, [i for i in range(50) if i % 7])  # a held-out part removed, as split_holdout does
+    expected = {p: train[p] for p in range(len(train))}
+    reads = []
+    real_shard = SyntheticSet.shard
+    monkeypatch.setattr(SyntheticSet, "shard", lambda self, k: reads.append(k) or real_shard(self, k))
+    monkeypatch.setattr(SyntheticSet, "__getitem__", lambda self, i: pytest.fail("read row by row"))
+
+    loader = KDLoader(train, batch_size=8, seed=3)
+    seen = []
+    for images, labels, logits in loader.epoch(0):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 8, 8)
+        seen.append((images, labels, logits))
+    assert len(seen) == len(loader) == len(train) // 8
+    assert sorted(reads) == sorted(set(reads)) == list(range(13))  # each shard read once, whole
+    order = loader.positions(0)
+    assert sorted(order) == list(range(len(train)))
+    flat = [p for p in order[:len(seen) * 8]]
+    images = torch.cat([b[0] for b in seen]).float().div_(255.0)
+    for j, p in enumerate(flat):
+        img, label, lg = expected[p]
+        assert torch.equal(images[j], img) and int(torch.cat([b[1] for b in seen])[j]) == int(label)
+        assert torch.equal(torch.cat([b[2] for b in seen])[j], lg)
+    assert loader.positions(0) == KDLoader(train, 8, seed=3).positions(0)  # deterministic
+    assert loader.positions(1) != order and KDLoader(train, 8, seed=4).positions(0) != order
+
+
+def test_kd_loader_thread_hands_errors_over_and_stops_early(tmp_path):
+    from dfcompress.compress.loader import prefetched
+
+    def boom():
+        yield 1
+        raise ValueError("shard gone")
+
+    with pytest.raises(ValueError, match="shard gone"):
+        list(prefetched(boom(), 2))
+    made = []
+    it = prefetched((made.append(i) or i for i in range(1000)), 2)
+    assert next(it) == 0
+    it.close()  # what an exception in the training step does
+    assert len(made) < 10
+
+
 def test_write_synthetic_set_validates(tmp_path):
     teacher = tiny_teacher()
     with pytest.raises(UserError, match="do not match the teacher's input"):

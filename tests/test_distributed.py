@@ -4,7 +4,7 @@ Each end-to-end test starts ``torchrun --nproc-per-node 2 -m dfcompress ...`` as
 free loopback port and compares with the same command run plainly:
 
 * the synthetic set made by 2 ranks is byte-identical to the one made by 1 process;
-* DDP distillation (DistributedSampler, per-rank batch B/2, synchronised BatchNorm) ends with the
+* DDP distillation (one shard-window permutation per epoch split across ranks, per-rank batch B/2, synchronised BatchNorm) ends with the
   single-process weights up to floating-point reduction order;
 * a torchrun job entering a folder with finished shards (what a restart after a crash finds) keeps
   them — not rewritten — and makes only the missing ones.
@@ -28,9 +28,9 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 from dfcompress.compress import kd
+from dfcompress.compress.loader import KDLoader
 from dfcompress.distributed import CpuSyncBatchNorm, DistContext, sync_batchnorm_view
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,12 +254,9 @@ def test_per_rank_batches_make_up_the_single_process_batch(n, batch, world):
         pytest.skip("a single short batch that W does not divide cannot be split evenly")
 
     def batches(rank: int, w: int) -> list[list[int]]:
-        sampler = kd.make_sampler(list(range(n)), seed=3, rank=rank, world_size=w)
-        sampler.set_epoch(5)
-        b = kd.per_rank_batch(batch, rank, w)
-        order, drop = list(sampler), len(sampler) > b
-        out = [order[i:i + b] for i in range(0, len(order), b)]
-        return [x for x in out if len(x) == b] if drop else out
+        items = [(torch.tensor([float(i)]), i, torch.zeros(1)) for i in range(n)]
+        loader = KDLoader(items, kd.per_rank_batch(batch, rank, w), seed=3, rank=rank, world_size=w)
+        return [labels.tolist() for _images, labels, _logits in loader.epoch(5)]
 
     reference = batches(0, 1)
     per_rank = [batches(r, world) for r in range(world)]
@@ -267,7 +264,7 @@ def test_per_rank_batches_make_up_the_single_process_batch(n, batch, world):
     for step, full in enumerate(reference):
         assert sorted(i for p in per_rank for i in p[step]) == sorted(full)
         assert len({len(p[step]) for p in per_rank}) == 1  # equal shares: DDP's mean is the batch mean
-    assert isinstance(kd.make_sampler(list(range(n)), 0, 0, world), DistributedSampler)
+    assert sorted(i for p in per_rank for b in p for i in b) == sorted(set(i for p in per_rank for b in p for i in b))
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["module", "fx-graphmodule"])

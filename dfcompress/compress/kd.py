@@ -15,17 +15,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 
 from ..errors import NumericalError, UserError
 from ..fileio import atomic_write_bytes
 from ..progress import log
+from .loader import LOADER, KDLoader, unit_images
 
 CHECKPOINT = "kd-checkpoint.pt"
 CHECKPOINT_FORMAT = "dfcompress-kd/1"
@@ -68,17 +69,6 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def make_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> DistributedSampler:
-    """Shuffling sampler, also for one process: its order depends only on (seed, epoch) via set_epoch.
-
-    Rank r takes positions r, r+W, r+2W, ... of the one shared permutation, so with per-rank batch
-    B/W the W batches of step j together are positions [jB, (j+1)B): the single-process batch j.
-    drop_last trims the permutation to a multiple of W instead of padding it with repeats (a no-op for
-    one process), so every rank makes the same number of steps of the same size.
-    """
-    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-
-
 def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
     """Per-rank batch under DDP: the ``world_size`` per-rank batches of one step form the global batch."""
     b = max(1, batch_size // world_size)
@@ -117,7 +107,7 @@ def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int
 
     Under DDP every rank draws the random numbers of the whole global batch (``n * world_size``, from
     the same generator) and keeps positions ``rank::world_size`` — the images it holds (see
-    make_sampler) — so each image gets the augmentation one process would give it.
+    loader.rank_positions) — so each image gets the augmentation one process would give it.
     """
     n, c, h, w = x01.shape
     total, pick = n * world_size, slice(rank, n * world_size, world_size)
@@ -168,7 +158,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: KDConfig, total_steps: int) 
 
 def _fingerprint(student: nn.Module, cfg: KDConfig, epochs: int, seed: int, n: int, world: int) -> dict[str, Any]:
     shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in student.state_dict().items())
-    return {**asdict(cfg), "epochs": epochs, "seed": seed, "dataset_size": n, "world_size": world,
+    return {**asdict(cfg), "epochs": epochs, "seed": seed, "dataset_size": n, "world_size": world, "loader": LOADER,
             "architecture": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
 
 
@@ -215,10 +205,9 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
     student = runtime.prepare(student)
     teacher_module = runtime.prepare(teacher.module).eval()
     model = wrap_model(student, runtime)
-    sampler = make_sampler(dataset, seed, rank, world)
-    batch = per_rank_batch(cfg.batch_size, rank, world)
-    drop_last = len(sampler) > batch  # a last batch of 1 breaks BatchNorm in train mode
-    steps = len(sampler) // batch if drop_last else math.ceil(len(sampler) / batch)
+    loader = KDLoader(dataset, per_rank_batch(cfg.batch_size, rank, world), seed, rank, world,
+                      pin_memory=runtime.is_cuda)
+    steps = len(loader)
     opt = make_optimizer(student, cfg)
     sched = make_scheduler(opt, cfg, epochs * steps)
     scaler = runtime.grad_scaler()
@@ -240,16 +229,13 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
     task = progress.add_task(desc, total=max(0, epochs - start) * steps, info="") if progress is not None else None
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=drop_last, num_workers=0,
-                            generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 2)))
         g_aug = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, 0))  # one stream for all ranks (augment picks)
         lr0 = opt.param_groups[0]["lr"]
         devices = [runtime.device] if runtime.device.type == "cuda" else []
         # dropout etc. draw from the global RNG: seed it per epoch, and leave the caller's state untouched
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(seed, epoch, rank, 1))
-            loss_sum, count = _run_epoch(model, teacher, teacher_module, loader, opt, sched, scaler, runtime, cfg, g_aug,
+            loss_sum, count = _run_epoch(model, teacher, teacher_module, loader.epoch(epoch), opt, sched, scaler, runtime, cfg, g_aug,
                                          epoch, progress, task, rank, world)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, count), "lr": lr0}
         if eval_fn is not None:
@@ -277,13 +263,13 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
             "seconds": round(time.perf_counter() - t_start, 3), "config": asdict(cfg)}
 
 
-def _run_epoch(model: nn.Module, teacher: Any, teacher_module: nn.Module, loader: DataLoader, opt, sched, scaler,
+def _run_epoch(model: nn.Module, teacher: Any, teacher_module: nn.Module, batches: Iterator, opt, sched, scaler,
                runtime: Any, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any,
                rank: int = 0, world: int = 1) -> tuple[float, int]:
     model.train()
     loss_sum, count = 0.0, 0
-    for step, (images01, _labels, _logits) in enumerate(loader):
-        x = augment(images01.to(runtime.device), g_aug, cfg.crop_padding, cfg.flip, rank, world)
+    for step, (images, _labels, _logits) in enumerate(batches):
+        x = augment(unit_images(images.to(runtime.device, non_blocking=True)), g_aug, cfg.crop_padding, cfg.flip, rank, world)
         x = runtime.tensor(teacher.normalize(x))
         with runtime.autocast():
             with torch.no_grad():

@@ -78,13 +78,14 @@ class SyntheticCalibrationReader:
 
     def get_next(self) -> Optional[dict[str, np.ndarray]]:
         from ..evaluate import to_input
+        from ..export import ort_input
 
         if self._pos >= len(self.indices):
             return None
         idx = self.indices[self._pos:self._pos + self.batch_size]
         self._pos += len(idx)
         images = torch.stack([self.dataset[i][0] for i in idx])
-        return {self.input_name: to_input(images, self.like).numpy().astype(np.float32)}
+        return {self.input_name: ort_input(to_input(images, self.like))}
 
     def rewind(self) -> None:
         self._pos = 0

@@ -21,6 +21,7 @@ from safetensors.torch import save as _st_save
 from torch.utils.data import Dataset
 
 from .. import __version__
+from ..device import place
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from ..models.teacher import Teacher
@@ -53,7 +54,7 @@ def teacher_logits(teacher: Teacher, images_uint8: torch.Tensor, runtime=None, b
     module = teacher.module
     was_training = module.training
     module.eval()
-    device = runtime.device if runtime is not None else _module_device(module)
+    device = place(module, runtime)
     outs = []
     try:
         for start in range(0, images_uint8.shape[0], batch_size):
@@ -68,11 +69,6 @@ def teacher_logits(teacher: Teacher, images_uint8: torch.Tensor, runtime=None, b
     if not torch.isfinite(logits).all():
         raise UserError(f"the teacher {teacher.source} produces NaN/inf logits on valid images; check the model file and its --mean/--std")
     return logits.contiguous()
-
-
-def _module_device(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def encode_shard(images_uint8: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> bytes:
@@ -243,12 +239,7 @@ class SyntheticSet(Dataset):
         return self._len
 
     def __getitem__(self, index: int):
-        if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
-            raise IndexError(index)
-        k = bisect.bisect_right(self._starts, index) - 1
-        row = index - self._starts[k]
+        k, row = self.locate(index)
         h = self._handle(k)
         image = h.get_slice("images")[row:row + 1][0].float().div_(255.0)
         label = h.get_slice("labels")[row:row + 1][0]
@@ -256,6 +247,15 @@ class SyntheticSet(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, label, logits
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row in that shard) of item ``index``."""
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        k = bisect.bisect_right(self._starts, index) - 1
+        return k, index - self._starts[k]
 
     def shard(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Whole shard ``k`` as (images uint8, labels, logits): fast sequential access for callers that want it."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import module_device
 from .stages import probe_stages
 from .taps import batchnorm_layers
 from .teacher import Teacher
@@ -35,16 +36,11 @@ def _hook_macs(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
-            module(torch.zeros(1, *input_shape, device=_device(module)))
+            module(torch.zeros(1, *input_shape, device=module_device(module)))
     finally:
         for h in handles:
             h.remove()
     return int(total)
-
-
-def _device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -56,7 +52,7 @@ def count_macs(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
     was_training = module.training
     try:
-        ops, _params = tp.utils.count_ops_and_params(module, torch.zeros(1, *input_shape, device=_device(module)))
+        ops, _params = tp.utils.count_ops_and_params(module, torch.zeros(1, *input_shape, device=module_device(module)))
         return int(ops)
     except Exception:
         return _hook_macs(module, input_shape)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..device import module_device
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -47,9 +49,7 @@ def probe_stages(module: nn.Module, input_shape: tuple[int, int, int]) -> list[S
     was_training = module.training
     module.eval()
     try:
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        module(torch.zeros(1, *input_shape, device=device))
+        module(torch.zeros(1, *input_shape, device=module_device(module)))
     finally:
         for h in handles:
             h.remove()

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..device import place
 from ..errors import UserError
 from ..models.taps import FeatureTaps, stat_layers
 from ..models.teacher import Teacher
@@ -45,7 +46,7 @@ def collect_stats(teacher: Teacher, images_uint8: torch.Tensor, labels: Optional
     layers = stat_layers(module)
     if not layers:
         raise UserError(f"{teacher.source} has neither BatchNorm nor Conv2d layers to take statistics from")
-    device = runtime.device if runtime is not None else _device_of(module)
+    device = place(module, runtime)
     k = teacher.num_classes if per_class else 1
     sums = {l.name: torch.zeros(k, l.channels, dtype=torch.float64, device=device) for l in layers}
     sqs = {l.name: torch.zeros(k, l.channels, dtype=torch.float64, device=device) for l in layers}
@@ -113,8 +114,3 @@ def _finish(layers, sums, sqs, pixels, counts, per_class: bool):
             v[empty] = gv
         mean[l.name], var[l.name] = (m, v) if per_class else (m[0], v[0])
     return mean, var, empty
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
