@@ -149,7 +149,14 @@ def inspect(
     typer.echo(f"batchnorm  {bn}")
     typer.echo(f"params     {info['params']:,}")
     typer.echo(f"MACs       {info['macs']:,}")
-    typer.echo("stages     " + ", ".join(f"{s['channels']}ch@{s['height']}x{s['width']} (/{s['reduction']}, {s['name']})" for s in info["stages"]))
+    typer.echo("stages     " + (", ".join(f"{s['channels']}ch@{s['height']}x{s['width']} (/{s['reduction']}, {s['name']})"
+                                      for s in info["stages"]) or "none (no spatial feature maps)"))
+    if info["token_stages"]:
+        t = info["token_stages"]
+        typer.echo(f"tokens     {len(t)} token stages, {t[0]['tokens']} tokens x {t[0]['channels']}ch: " + ", ".join(s["name"] for s in t))
+    typer.echo(f"statistics {info['stat_layers']} layers" + ("" if info["bn_folded"] else " (BatchNorm inputs)"))
+    if not info["pyramid"]:
+        typer.echo("pyramid    none: NaturalInversion runs without its Feature Transfer Pyramid (no spatial stages)")
 
 
 @app.command()

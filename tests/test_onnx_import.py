@@ -620,3 +620,95 @@ def test_qdq_int8_model_from_onnxruntime_quantization_matches_onnxruntime(tmp_pa
     ours = gm(torch.from_numpy(x)).detach().numpy()
     ref = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert np.abs(ours - ref).max() < 1e-4
+
+
+# ---------------------------------------------------------------- attention / token models (issue 15)
+
+from token_models import SHAPE as TOKEN_SHAPE, TinyViT, onnx_bytes  # noqa: E402
+
+
+class _MHA(nn.Module):
+    """nn.MultiheadAttention on patch tokens: exportable at opset 13 (no SDPA), emits Mod for the head split."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.attn, self.head = nn.Conv2d(3, 16, 4, 4), nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(t, t, t)[0].mean(1))
+
+
+class _SDPA(nn.Module):
+    """F.scaled_dot_product_attention with a causal mask and tanh-GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.qkv, self.head = nn.Conv2d(3, 16, 4, 4), nn.Linear(16, 48), nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c)
+        return self.head(F.gelu(y, approximate="tanh").mean(1))
+
+
+_TOKEN_NETS = {"vit_prenorm_gelu": lambda: TinyViT(), "vit_postnorm_relu": lambda: TinyViT(norm_first=False, activation="relu"),
+               "mha": _MHA, "sdpa": _SDPA}
+_TOKEN_CACHE: dict = {}
+
+
+def _token_net(name: str) -> nn.Module:
+    if name not in _TOKEN_CACHE:
+        torch.manual_seed(3)
+        _TOKEN_CACHE[name] = _TOKEN_NETS[name]().eval()
+    return _TOKEN_CACHE[name]
+
+
+# TransformerEncoderLayer and SDPA need opset 14 (aten::scaled_dot_product_attention); 17 adds LayerNormalization,
+# 20 the Gelu op (Erf / tanh forms before)
+@pytest.mark.parametrize("name,opset", [("vit_prenorm_gelu", o) for o in (14, 17, 18, 20, 21)]
+                         + [("vit_postnorm_relu", 17), ("mha", 13), ("mha", 18), ("sdpa", 14), ("sdpa", 20)])
+def test_attention_exports_match_onnxruntime(name, opset):
+    data = onnx_bytes(_token_net(name), opset)
+    ops = set(op_types(data))
+    assert "Mod" in ops or name == "sdpa"  # the op that used to be refused
+    gm = onnx_to_torch(data)
+    assert_parity(gm, data, TOKEN_SHAPE, batches=(1, 3))
+    assert_grad_flows(gm, TOKEN_SHAPE)
+    if name.startswith("vit") and opset >= 17:
+        assert sum(isinstance(m, nn.LayerNorm) for m in gm.modules()) == 5
+
+
+def token_ops_graph(opset: int) -> onnx.ModelProto:
+    """Mod (integer, both signs; fmod on floats), Trilu (both triangles, k), LessOrEqual/GreaterOrEqual, Where."""
+    inits = [_init("three", np.array(3, np.int64)), _init("neg3", np.array(-3, np.int64)), _init("one", np.array(1, np.int64)),
+             _init("d", np.array(0.7, np.float32)), _init("k1", np.array(1, np.int64)), _init("km1", np.array(-1, np.int64)),
+             _init("lim", np.array(0.2, np.float32))]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shp"]),
+        helper.make_node("Gather", ["shp", "one"], ["rows"], axis=0),     # 5
+        helper.make_node("Neg", ["rows"], ["neg_rows"]),
+        helper.make_node("Mod", ["neg_rows", "three"], ["m1"]),           # -5 mod 3 = 1 (sign of the divisor)
+        helper.make_node("Mod", ["rows", "neg3"], ["m2"]),                # 5 mod -3 = -1
+        helper.make_node("Add", ["m1", "m2"], ["m12"]),
+        helper.make_node("Cast", ["m12"], ["m12f"], to=TensorProto.FLOAT),
+        helper.make_node("Mod", ["x", "d"], ["fm"], fmod=1),             # C fmod: sign of the dividend
+        helper.make_node("Trilu", ["fm", "k1"], ["up"], upper=1),
+        helper.make_node("Trilu", ["x", "km1"], ["low"], upper=0),
+        helper.make_node("LessOrEqual", ["x", "lim"], ["le"]),
+        helper.make_node("GreaterOrEqual", ["x", "lim"], ["ge"]),
+        helper.make_node("Where", ["le", "up", "low"], ["w1"]),
+        helper.make_node("Cast", ["ge"], ["gef"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["w1", "gef"], ["w2"]),
+        helper.make_node("Add", ["w2", "m12f"], ["y"]),
+    ]
+    return _graph_model(nodes, inits, opset, ["N", 5, 6], {"y": ["N", 5, 6]})
+
+
+@pytest.mark.parametrize("opset", [14, 21])
+def test_hand_built_token_ops_graph(opset):
+    model = token_ops_graph(opset)
+    gm = onnx_to_torch(model)
+    assert_parity(gm, model, (5, 6), batches=(1, 4))

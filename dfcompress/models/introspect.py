@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..device import module_device
-from .stages import probe_stages
-from .taps import batchnorm_layers
+from .stages import probe_stages, probe_token_stages
+from .taps import batchnorm_layers, stat_layers
 from .teacher import Teacher
 
 
@@ -65,6 +65,7 @@ def inspect_teacher(teacher: Teacher) -> dict[str, Any]:
     module = teacher.module
     bns = batchnorm_layers(module)
     stages = probe_stages(module, teacher.input_shape)
+    tokens = probe_token_stages(module, teacher.input_shape)
     return {
         "format": teacher.format,
         "source": teacher.source,
@@ -78,6 +79,10 @@ def inspect_teacher(teacher: Teacher) -> dict[str, Any]:
         "batchnorm_layers": len(bns),
         "bn_folded": len(bns) == 0,
         "stages": [s.to_dict() for s in stages],
+        "token_stages": [s.to_dict() for s in tokens],
+        "stat_layers": len(stat_layers(module, teacher.input_shape)),
+        # the Feature Transfer Pyramid reads spatial maps only; token stages feed the statistics term
+        "pyramid": len(stages) > 0,
         "params": count_params(module),
         "macs": count_macs(module, teacher.input_shape),
     }

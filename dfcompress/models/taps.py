@@ -24,23 +24,33 @@ def batchnorm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @dataclass(frozen=True)
 class StatLayer:
-    """A place whose per-channel statistics describe the data: a BN input or, when BN was folded, a conv output."""
+    """A place whose per-channel statistics describe the data: a BN input or, when BN was folded, a conv output.
+
+    ``side="tokens"``: the module's input is a ``[N, tokens, C]`` token tensor (transformer residual
+    stream); taps record it as ``[N, C, tokens]`` so every consumer treats tokens like spatial positions.
+    """
 
     name: str
-    side: Literal["input", "output"]
+    side: Literal["input", "output", "tokens"]
     channels: int
 
 
-def stat_layers(module: nn.Module) -> list[StatLayer]:
-    """BN inputs when the model has BatchNorm; otherwise every Conv2d output (BN-fused models).
+def stat_layers(module: nn.Module, input_shape: tuple[int, int, int] | None = None) -> list[StatLayer]:
+    """BN inputs when the model has BatchNorm; otherwise every Conv2d output (BN-fused models) and,
+    given ``input_shape``, every token stage (``probe_token_stages``: LayerNorm inputs of token models).
 
     A BN input *is* the preceding conv's output, so both choices measure the same kind of feature;
-    the fused case simply has no stored statistics and needs collected ones.
+    the fused case simply has no stored statistics and needs collected ones. Without the token stages a
+    vision transformer would be constrained at its patch embedding only.
     """
     bns = batchnorm_layers(module)
     if bns:
         return [StatLayer(n, "input", m.num_features) for n, m in bns if isinstance(m, nn.BatchNorm2d)]
-    return [StatLayer(n, "output", m.out_channels) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [StatLayer(n, "output", m.out_channels) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    if input_shape is None:
+        return convs
+    from .stages import probe_token_stages
+    return convs + [StatLayer(s.name, "tokens", s.channels) for s in probe_token_stages(module, tuple(input_shape))]
 
 
 class FeatureTaps:
@@ -64,7 +74,7 @@ class FeatureTaps:
 
     def _hook(self, name: str, side: str):
         def hook(_mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            value = inputs[0] if side == "input" else output
+            value = output if side == "output" else inputs[0].transpose(1, 2) if side == "tokens" else inputs[0]
             self.features[name] = value.detach() if self.detach else value
         return hook
 

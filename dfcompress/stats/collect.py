@@ -1,7 +1,8 @@
 """Collect (class-conditional) feature statistics from a few real images.
 
 BN-folded teachers have no running statistics, so the inversion needs measured ones: per class and
-per channel, at every ``stat_layers`` place (BN inputs, or conv outputs when BN was fused). Sums and
+per channel, at every ``stat_layers`` place (BN inputs, or conv outputs and token stages when BN was
+fused or never there; tokens count as positions). Sums and
 sums of squares are accumulated in float64 while streaming over batches, so memory is independent of
 the number of images and the result matches a one-shot float64 computation to rounding.
 """
@@ -43,7 +44,7 @@ def collect_stats(teacher: Teacher, images_uint8: torch.Tensor, labels: Optional
     """
     _check_inputs(teacher, images_uint8, labels)
     module = teacher.module
-    layers = stat_layers(module)
+    layers = stat_layers(module, teacher.input_shape)
     if not layers:
         raise UserError(f"{teacher.source} has neither BatchNorm nor Conv2d layers to take statistics from")
     device = place(module, runtime)
@@ -75,12 +76,12 @@ def collect_stats(teacher: Teacher, images_uint8: torch.Tensor, labels: Optional
                 onehot = torch.nn.functional.one_hot(rows, k).to(device=device, dtype=torch.float64).T
                 for l in layers:
                     f = taps[l.name]
-                    if f.dim() != 4:
-                        raise UserError(f"layer {l.name} produced a {f.dim()}-D feature; statistics need NCHW feature maps")
-                    f = f.to(torch.float64)
-                    pixels[l.name] = f.shape[2] * f.shape[3]
-                    sums[l.name] += onehot @ f.sum(dim=(2, 3))
-                    sqs[l.name] += onehot @ (f * f).sum(dim=(2, 3))
+                    if f.dim() not in (3, 4):
+                        raise UserError(f"layer {l.name} produced a {f.dim()}-D feature; statistics need NCHW feature maps or tokens")
+                    f = f.to(torch.float64).flatten(2)  # [B, C, positions]: H*W pixels or tokens
+                    pixels[l.name] = f.shape[2]
+                    sums[l.name] += onehot @ f.sum(dim=2)
+                    sqs[l.name] += onehot @ (f * f).sum(dim=2)
     finally:
         module.train(was_training)
     mean, var, empty = _finish(layers, sums, sqs, pixels, counts, per_class)

@@ -139,7 +139,7 @@ class FeatureStats:
         where = self.path or "the statistics"
         if self.teacher_sha256 != teacher.sha256:
             raise UserError(f"{where} was made for another teacher (sha256 {self.teacher_sha256[:12]}…, this one is {teacher.sha256[:12]}…); {REGENERATE}")
-        expected = stat_layers(teacher.module)
+        expected = stat_layers(teacher.module, teacher.input_shape)
         if [(l.name, l.channels) for l in expected] != [(l.name, l.channels) for l in self.layers]:
             raise UserError(f"{where} describes different layers than {teacher.source} ({len(self.layers)} vs {len(expected)}); {REGENERATE}")
         if self.per_class and self.num_classes != teacher.num_classes:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -49,6 +51,32 @@ def read_torchscript(path: Path, label: str) -> tuple[torch.jit.ScriptModule, di
     return ts, meta
 
 
+_OPERATOR = re.compile(r"operator '([\w:.]+)'")
+_UNSUPPORTED = re.compile(r"Unsupported: ONNX export of (.+?)\.?\s*(?:\[|$)", re.S)
+_SCOPE = re.compile(r"torch\.nn\.modules\.[\w.]*?\.(\w+)::([\w.]+)")
+
+
+def failing_construct(exc: BaseException) -> str:
+    """What the exporter choked on, in a few words: ``transpose for tensor of unknown rank (in MultiheadAttention
+    blocks.0.self_attn)`` or ``operator aten::is_autocast_enabled``; the exporter's own first line otherwise.
+
+    Traced attention layers lose the tensor ranks the exporter needs, scripted ones keep control flow
+    (``aten::is_autocast_enabled``) it cannot express; neither is fixable after the fact, so the message
+    names the construct and the formats that carry the model instead.
+    """
+    text = str(exc)
+    op = _OPERATOR.search(text)
+    if op:
+        return f"operator {op.group(1)}"
+    unsupported = _UNSUPPORTED.search(text)
+    if not unsupported:
+        return first_line(exc)
+    scope_line = re.search(r"scope: (\S+)", text)
+    where = _SCOPE.findall(scope_line.group(1)) if scope_line else []
+    scope = f" (in {where[-1][0]} {'.'.join(w[1] for w in where)})" if where else ""
+    return f"{unsupported.group(1).strip()}{scope}"
+
+
 def script_to_onnx(ts: torch.jit.ScriptModule, input_shape: tuple[int, int, int], label: str):
     """Export to an in-memory ONNX ModelProto that keeps BatchNormalization nodes."""
     import onnx
@@ -56,7 +84,8 @@ def script_to_onnx(ts: torch.jit.ScriptModule, input_shape: tuple[int, int, int]
     buf = io.BytesIO()
     x = torch.zeros(1, *input_shape)
     try:
-        with warnings.catch_warnings():
+        # torch's exporter enables its log by mistake and dumps the whole IR graph to stdout on failure
+        with warnings.catch_warnings(), mock.patch.object(torch._C, "_jit_onnx_log", lambda *args: None):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 ts, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=True,
@@ -64,8 +93,9 @@ def script_to_onnx(ts: torch.jit.ScriptModule, input_shape: tuple[int, int, int]
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
     except Exception as exc:
-        raise UserError(f"{label}: the TorchScript model could not be converted to a hookable module (ONNX export failed: "
-                        f"{first_line(exc)}); load the original weights with --arch, or pass an ONNX/.pt2 export") from None
+        raise UserError(f"{label}: the TorchScript model cannot be made hookable: its internal ONNX export fails on "
+                        f"{failing_construct(exc)}; export the original model as .pt2 (torch.export) or ONNX instead, "
+                        "or load its weights with --arch") from None
     model = onnx.load_from_string(buf.getvalue())
     return model
 

@@ -20,7 +20,8 @@ from .registry import NodeInfo, register
 
 # run-time helpers that may hand back python ints/lists instead of tensors
 PY_PRODUCERS = {runtime.shape, runtime.size, runtime.gather, runtime.unsqueeze, runtime.squeeze, runtime.concat,
-                runtime.cast, runtime.slice_, runtime.add, runtime.sub, runtime.mul, runtime.div}
+                runtime.cast, runtime.slice_, runtime.add, runtime.sub, runtime.mul, runtime.div,
+                runtime.mod, runtime.fmod}
 
 
 def maybe_py(v: Any) -> bool:
@@ -185,8 +186,23 @@ register("Pow")(_binary(runtime.pow_, runtime.pow_))
 register("Equal")(_binary(runtime.equal, runtime.equal))
 register("Less")(_binary(runtime.less, runtime.less))
 register("Greater")(_binary(runtime.greater, runtime.greater))
+register("LessOrEqual")(_binary(runtime.less_equal, runtime.less_equal))
+register("GreaterOrEqual")(_binary(runtime.greater_equal, runtime.greater_equal))
 register("And")(_binary(torch.logical_and, torch.logical_and))
 register("Or")(_binary(torch.logical_or, torch.logical_or))
+
+
+@register("Mod")
+def mod(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
+    """Exporters emit integer ``Mod`` for negative-axis/shape arithmetic (``dim % rank`` in MultiheadAttention)."""
+    fn = runtime.fmod if int(n.attrs.get("fmod", 0)) else runtime.mod
+    return _binary(fn, fn)(b, n, inputs)
+
+
+@register("Trilu")
+def trilu(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
+    k = lit(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else 0
+    return [b.call(runtime.trilu, inputs[0], k, int(n.attrs.get("upper", 1)))]
 
 
 @register("Where")

@@ -297,6 +297,17 @@ div = _binary(_py_div, _torch_div)
 div.__name__ = div.__qualname__ = "div"
 
 
+def _py_mod(a: Any, b: Any) -> Any:
+    """ONNX Mod with fmod=0 (python %: the result takes the divisor's sign); float operands never get here."""
+    return a % b
+
+
+mod = _binary(_py_mod, torch.remainder)  # fmod=0: integer Mod, sign of the divisor (the exporters' `x % n`)
+mod.__name__ = mod.__qualname__ = "mod"
+fmod = _binary(math.fmod, torch.fmod)  # fmod=1: C fmod, sign of the dividend (required for float inputs)
+fmod.__name__ = fmod.__qualname__ = "fmod"
+
+
 def _tensors(*vals: Value) -> list[torch.Tensor]:
     like = next((v for v in vals if isinstance(v, torch.Tensor)), None)
     return [as_tensor(v, like=like) for v in vals]
@@ -315,6 +326,22 @@ def less(a: Value, b: Value) -> torch.Tensor:
 def greater(a: Value, b: Value) -> torch.Tensor:
     a, b = _tensors(a, b)
     return torch.gt(a, b)
+
+
+def less_equal(a: Value, b: Value) -> torch.Tensor:
+    a, b = _tensors(a, b)
+    return torch.le(a, b)
+
+
+def greater_equal(a: Value, b: Value) -> torch.Tensor:
+    a, b = _tensors(a, b)
+    return torch.ge(a, b)
+
+
+def trilu(x: torch.Tensor, k: Value = 0, upper: int = 1) -> torch.Tensor:
+    """ONNX Trilu (attention masks): keep the upper (``upper=1``) or lower triangle from diagonal ``k``."""
+    k = int(as_list(k)[0])
+    return torch.triu(x, k) if upper else torch.tril(x, k)
 
 
 def where(cond: Value, a: Value, b: Value) -> torch.Tensor:
