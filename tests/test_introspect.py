@@ -11,7 +11,7 @@ from dfcompress.models.introspect import count_macs, count_params, inspect_teach
 from dfcompress.models.loading import load_teacher
 
 KEYS = {"format", "source", "sha256", "arch", "input_shape", "num_classes", "class_names", "mean", "std",
-        "batchnorm_layers", "bn_folded", "stages", "params", "macs"}
+        "batchnorm_layers", "bn_folded", "batchnorm", "stages", "params", "macs"}
 
 
 def test_count_params_and_macs_by_hand() -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .stages import probe_stages
-from .taps import batchnorm_layers
+from .taps import batchnorm_layers, batchnorm_summary, other_norm_layers
 from .teacher import Teacher
 
 
@@ -80,7 +80,8 @@ def inspect_teacher(teacher: Teacher) -> dict[str, Any]:
         "mean": list(teacher.mean),
         "std": list(teacher.std),
         "batchnorm_layers": len(bns),
-        "bn_folded": len(bns) == 0,
+        "bn_folded": len(bns) == 0 and not other_norm_layers(module),  # no BN and no other norm: most likely folded
+        "batchnorm": batchnorm_summary(module),
         "stages": [s.to_dict() for s in stages],
         "params": count_params(module),
         "macs": count_macs(module, teacher.input_shape),
