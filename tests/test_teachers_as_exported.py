@@ -60,3 +60,91 @@ def test_recovering_bn_stats_of_groupnorm_model_says_what_is_true(groupnorm_pt2:
     args = ["stats", groupnorm_pt2, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "-o", tmp_path / "s.safetensors"]
     line = assert_one_line_error(args, invoke(*args), needles=("no BatchNorm layers (group_norm only", "--seeds"))
     assert "folded" not in line
+
+
+# ---------------------------------------------------------------- .pt2 exported with a fixed batch size
+
+class SizedNet(nn.Module):
+    """Bakes the batch size into a static export twice: ``expand(x.size(0), ...)`` and ``reshape(x.size(0), -1)``."""
+
+    def __init__(self, fold_batch: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.token = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.fc = nn.Linear(8 * 4 * 4, 6)
+        self.fold_batch = fold_batch
+        with torch.no_grad():
+            for bn in (self.bn, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))) + self.token.expand(x.size(0), -1, -1, -1)
+        h = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn2(self.conv2(h))), 4)
+        if self.fold_batch:  # batch moved off the leading dimension: nothing to free safely
+            return self.fc(h.reshape(x.size(0), -1).t().reshape(128, x.size(0)).t())
+        return self.fc(h.reshape(x.size(0), -1))
+
+
+def _export(model: nn.Module, path: Path, batch: int, dynamic: bool = False) -> Path:
+    dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
+    torch.export.save(torch.export.export(model, (torch.zeros(batch, 3, 16, 16),), dynamic_shapes=dyn), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("sized")
+    torch.manual_seed(0)
+    model = SizedNet().eval()
+    return {"model": model, "static1": _export(model, d / "b1.pt2", 1), "static4": _export(model, d / "b4.pt2", 4),
+            "dynamic": _export(model, d / "dyn.pt2", 2, dynamic=True)}
+
+
+@pytest.mark.parametrize("which", ["static1", "static4"])
+def test_static_batch_pt2_loads_and_scores_any_batch(sized: dict, which: str):
+    res = invoke("inspect", sized[which], "--json")
+    assert res.exit_code == 0, res.output
+    teacher = load_teacher(sized[which], mean=[0.5] * 3, std=[0.5] * 3)
+    for n in (1, 3, 9):
+        x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            assert torch.allclose(teacher.module(x), sized["model"](x), atol=1e-5)
+
+
+def _inversion_step(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """DeepInversion's loss on one batch (CE + BN statistics at every BN input) and its gradient w.r.t. the images."""
+    from dfcompress.inversion.losses import global_stat_loss
+    from dfcompress.models.taps import FeatureTaps, batchnorm_layers, stat_layers
+
+    x = x.clone().requires_grad_(True)
+    bns = dict(batchnorm_layers(module))
+    layers = stat_layers(module)
+    with FeatureTaps(module, layers) as taps:
+        logits = module(x)
+        stat = sum(global_stat_loss(taps[l.name], bns[l.name].running_mean, bns[l.name].running_var) for l in layers)
+        shapes = {l.name: tuple(taps[l.name].shape) for l in layers}
+    loss = nn.functional.cross_entropy(logits, torch.arange(x.shape[0]) % 6) + stat
+    loss.backward()
+    return loss.detach(), x.grad, shapes
+
+
+def test_inversion_on_static_batch_pt2_equals_dynamic(sized: dict):
+    """Gradients to the input and BN batch statistics over the WHOLE batch of 10, not chunks of 4."""
+    x = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    loss_d, grad_d, shapes_d = _inversion_step(load_teacher(sized["dynamic"], mean=[0.5] * 3, std=[0.5] * 3).module, x)
+    loss_s, grad_s, shapes_s = _inversion_step(load_teacher(sized["static4"], mean=[0.5] * 3, std=[0.5] * 3).module, x)
+    assert len(shapes_s) == 2 and all(s[0] == 10 for s in shapes_s.values())
+    assert shapes_s == shapes_d
+    assert torch.allclose(loss_s, loss_d, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad_s, grad_d, rtol=1e-4, atol=1e-7)
+
+
+def test_static_batch_that_cannot_be_freed_is_refused_in_one_line(tmp_path: Path):
+    torch.manual_seed(0)
+    path = _export(SizedNet(fold_batch=True).eval(), tmp_path / "folded.pt2", 2)
+    args = ["inspect", path]
+    assert_one_line_error(args, invoke(*args), needles=("fixed batch size of 2", "dynamic_shapes"))
