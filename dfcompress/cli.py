@@ -145,6 +145,8 @@ def inspect(
     typer.echo(f"model      {info['source']}  ({info['format']}{', arch ' + info['arch'] if info.get('arch') else ''})")
     typer.echo(f"input      {c}x{h}x{w}   mean {list(info['mean'])}  std {list(info['std'])}")
     typer.echo(f"classes    {info['num_classes']}")
+    for note in info["output_head"]:
+        typer.echo(f"output     {note}")
     typer.echo(f"batchnorm  {info['batchnorm']}" + ("" if info["batchnorm_layers"] else "; for inversion run `dfcompress stats MODEL --seeds DIR` first"))
     typer.echo(f"params     {info['params']:,}")
     typer.echo(f"MACs       {info['macs']:,}")

@@ -148,3 +148,67 @@ def test_static_batch_that_cannot_be_freed_is_refused_in_one_line(tmp_path: Path
     path = _export(SizedNet(fold_batch=True).eval(), tmp_path / "folded.pt2", 2)
     args = ["inspect", path]
     assert_one_line_error(args, invoke(*args), needles=("fixed batch size of 2", "dynamic_shapes"))
+
+
+# ---------------------------------------------------------------- Softmax heads and [N, K, 1, 1] outputs
+
+class ConvHead(nn.Module):
+    """A 1x1-conv head without flatten: returns [N, K, 1, 1]."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.head = nn.Conv2d(10, 10, 1)
+
+    def forward(self, x):
+        return self.head(self.base(x)[:, :, None, None])
+
+
+def _zoo_with(head: str) -> tuple[nn.Module, nn.Module]:
+    """(model as exported, the logits [N, K] dfcompress should work on) around a small zoo model."""
+    from dfcompress.models.zoo import create_model
+
+    torch.manual_seed(0)
+    base = create_model("resnet20", num_classes=10).eval()
+    if head == "softmax":
+        return nn.Sequential(base, nn.Softmax(dim=1)).eval(), base
+    model = ConvHead(base).eval()
+    return model, nn.Sequential(model, nn.Flatten()).eval()
+
+
+def _write_model(model: nn.Module, fmt: str, d: Path) -> Path:
+    x = torch.zeros(1, 3, 32, 32)
+    if fmt == "onnx":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(d / "m.onnx"), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["out"], dynamic_axes={"input": {0: "b"}, "out": {0: "b"}})
+        return d / "m.onnx"
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.trace(model, x, check_trace=False), str(d / "m.ts"))
+        return d / "m.ts"
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (x,)), str(d / "m.pt2"))
+        return d / "m.pt2"
+    torch.save(model, d / "m.pkl")
+    return d / "m.pkl"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2", "pickle"])
+@pytest.mark.parametrize("head", ["softmax", "conv1x1"])
+def test_softmax_and_1x1_heads_give_logits(tmp_path: Path, fmt: str, head: str):
+    model, logits_of = _zoo_with(head)
+    path = _write_model(model, fmt, tmp_path)
+    extra = ["--allow-pickle"] if fmt == "pickle" else []
+    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--input-shape", "3x32x32", *extra)
+    assert res.exit_code == 0, res.output
+    want = "ends in Softmax: dropped it" if head == "softmax" else "returns [N, 10, 1, 1]: squeezed"
+    assert f"output     {want}" in res.stdout
+    teacher = load_teacher(path, allow_pickle=True, input_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, expected = teacher.module(x), logits_of(x)
+    assert logits.shape == (3, 10)
+    assert torch.allclose(logits, expected, atol=1e-4)

@@ -75,6 +75,8 @@ def inspect_teacher(teacher: Teacher) -> dict[str, Any]:
         "sha256": teacher.sha256,
         "arch": teacher.arch,
         "input_shape": list(teacher.input_shape),
+        "input_shape_from": teacher.extra.get("input_shape_from"),
+        "output_head": list(teacher.extra.get("output_head", [])),
         "num_classes": teacher.num_classes,
         "class_names": teacher.class_names,
         "mean": list(teacher.mean),

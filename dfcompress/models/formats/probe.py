@@ -14,6 +14,7 @@ from torch import nn
 from ...errors import UserError
 from ...progress import log
 from .common import first_conv_in_channels, first_line
+from .heads import logits_like
 
 PROBE_SIZES = (32, 224, 28, 64, 8)
 
@@ -59,9 +60,9 @@ def resolve_input_shape(
     for size in PROBE_SIZES:
         shape = (channels, size, size)
         out = _probe(forward, shape)
-        if isinstance(out, torch.Tensor) and out.dim() != 2:
+        if isinstance(out, torch.Tensor) and not logits_like(out):
             ran_unlike_classifier = ran_unlike_classifier or (size, tuple(out.shape))
-        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2:
+        if logits_like(out) and out.shape[0] == 2:  # type: ignore[union-attr]
             log(f"{label}: input shape not recorded in the file; assuming {channels}x{size}x{size} (the first probed size "
                 "that runs); pass --input-shape C,H,W if that is wrong")
             return shape, "probe"
