@@ -144,6 +144,7 @@ def inspect(
     c, h, w = info["input_shape"]
     typer.echo(f"model      {info['source']}  ({info['format']}{', arch ' + info['arch'] if info.get('arch') else ''})")
     typer.echo(f"input      {c}x{h}x{w}   mean {list(info['mean'])}  std {list(info['std'])}")
+    typer.echo(f"           size: {info['input_shape_from']}")
     typer.echo(f"classes    {info['num_classes']}")
     for note in info["output_head"]:
         typer.echo(f"output     {note}")

@@ -212,3 +212,38 @@ def test_softmax_and_1x1_heads_give_logits(tmp_path: Path, fmt: str, head: str):
         logits, expected = teacher.module(x), logits_of(x)
     assert logits.shape == (3, 10)
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------- input size of traced TorchScript files
+
+class WideHead(nn.Module):
+    """1000 classes, strided enough that 32 px and 224 px both run: only the file can say which it was traced at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 7, stride=4)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 1000)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_traced_torchscript_uses_its_traced_size(tmp_path: Path):
+    path = tmp_path / "traced.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(WideHead().eval(), torch.zeros(1, 3, 224, 224)), str(path))
+    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    assert res.exit_code == 0, res.output
+    assert "3x224x224" in res.stdout and "the example input the file was traced with" in res.stdout
+    assert "assuming" not in res.stderr
+
+
+def test_scripted_torchscript_keeps_the_warning_and_shows_the_guess(tmp_path: Path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(WideHead().eval()), str(path))
+    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    assert res.exit_code == 0, res.output
+    assert "assuming 3x32x32" in res.stderr
+    assert "3x32x32" in res.stdout and "GUESSED" in res.stdout and "--input-shape" in res.stdout

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats.probe import shape_basis
 from .stages import probe_stages
 from .taps import batchnorm_layers, batchnorm_summary, other_norm_layers
 from .teacher import Teacher
@@ -75,7 +76,7 @@ def inspect_teacher(teacher: Teacher) -> dict[str, Any]:
         "sha256": teacher.sha256,
         "arch": teacher.arch,
         "input_shape": list(teacher.input_shape),
-        "input_shape_from": teacher.extra.get("input_shape_from"),
+        "input_shape_from": shape_basis(teacher.extra.get("input_shape_from")),
         "output_head": list(teacher.extra.get("output_head", [])),
         "num_classes": teacher.num_classes,
         "class_names": teacher.class_names,

@@ -73,6 +73,20 @@ def resolve_input_shape(
     raise UserError(f"{label} accepted none of the probed input sizes {list(PROBE_SIZES)} with {channels} channel(s); pass --input-shape C,H,W")
 
 
+SHAPE_BASIS = {
+    "flag": "from --input-shape",
+    "metadata": "recorded in the file",
+    "traced example input": "the example input the file was traced with",
+    "arch default": "the architecture's default size",
+    "probe": f"GUESSED: not recorded in the file, the first of {'/'.join(map(str, PROBE_SIZES))} px that runs; pass --input-shape C,H,W if wrong",
+}
+
+
+def shape_basis(how: str | None) -> str:
+    """What an input shape rests on, in words for ``inspect``."""
+    return SHAPE_BASIS.get(how or "", how or "unknown")
+
+
 MAX_CHANNELS, MAX_SIDE = 16, 2048
 
 
