@@ -142,11 +142,13 @@ def inspect(
         emit_json(info)
         return
     c, h, w = info["input_shape"]
-    bn = "BN folded" if info["bn_folded"] else f"{info['batchnorm_layers']} BatchNorm layers"
     typer.echo(f"model      {info['source']}  ({info['format']}{', arch ' + info['arch'] if info.get('arch') else ''})")
     typer.echo(f"input      {c}x{h}x{w}   mean {list(info['mean'])}  std {list(info['std'])}")
+    typer.echo(f"           size: {info['input_shape_from']}")
     typer.echo(f"classes    {info['num_classes']}")
-    typer.echo(f"batchnorm  {bn}")
+    for note in info["output_head"]:
+        typer.echo(f"output     {note}")
+    typer.echo(f"batchnorm  {info['batchnorm']}" + ("" if info["batchnorm_layers"] else "; for inversion run `dfcompress stats MODEL --seeds DIR` first"))
     typer.echo(f"params     {info['params']:,}")
     typer.echo(f"MACs       {info['macs']:,}")
     typer.echo("stages     " + (", ".join(f"{s['channels']}ch@{s['height']}x{s['width']} (/{s['reduction']}, {s['name']})"

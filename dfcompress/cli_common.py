@@ -59,6 +59,7 @@ def command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_finite_options(kwargs)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -81,6 +82,13 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def check_finite_options(options: dict[str, Any]) -> None:
+    """Refuse NaN/inf in any float flag of any command (one check for all: NaN passes every range test)."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,13 +35,10 @@ def load_stats(teacher: Teacher, stats_path: Optional[str]):
 
 def check_teacher_has_statistics(teacher: Teacher, stats) -> None:
     """A BN-fused teacher can only be inverted with collected class-conditional statistics."""
-    from .models.taps import batchnorm_layers
+    from .models.taps import batchnorm_layers, no_batchnorm_statistics
 
     if stats is None and not batchnorm_layers(teacher.module):
-        raise UserError(
-            f"{teacher.source} has no BatchNorm statistics (BN folded); collect class-conditional statistics with "
-            "`dfcompress stats MODEL --seeds DIR -o stats.safetensors` and pass --stats stats.safetensors"
-        )
+        raise UserError(no_batchnorm_statistics(teacher.source, teacher.module, then=" and pass --stats stats.safetensors"))
 
 
 def synthetic_set(teacher: Teacher, settings: Settings, runtime: Runtime, *, data: Optional[str],

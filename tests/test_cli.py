@@ -76,7 +76,7 @@ def test_inspect_embedded_json():
 def test_inspect_shared_resnet56_onnx_is_bn_folded(shared_dir):
     res = invoke("inspect", str(shared_dir / "teachers" / "cifar10_resnet56_akamaster.onnx"))
     assert res.exit_code == 0, res.output
-    assert "classes    10" in res.output and "3x32x32" in res.output and "BN folded" in res.output
+    assert "classes    10" in res.output and "3x32x32" in res.output and "no BatchNorm layers (folded" in res.output
 
 
 def test_missing_model_file_exit_2(tmp_path):

@@ -10,8 +10,8 @@ from torch import nn
 from dfcompress.models.introspect import count_macs, count_params, inspect_teacher
 from dfcompress.models.loading import load_teacher
 
-KEYS = {"format", "source", "sha256", "arch", "input_shape", "num_classes", "class_names", "mean", "std",
-        "batchnorm_layers", "bn_folded", "stages", "token_stages", "stat_layers", "pyramid", "params", "macs"}
+KEYS = {"format", "source", "sha256", "arch", "input_shape", "input_shape_from", "output_head", "num_classes", "class_names", "mean", "std",
+        "batchnorm_layers", "bn_folded", "batchnorm", "stages", "token_stages", "stat_layers", "pyramid", "params", "macs"}
 
 
 def test_count_params_and_macs_by_hand() -> None:

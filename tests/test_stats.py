@@ -66,7 +66,7 @@ def test_recover_refuses_bn_free_teacher():
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
     m(torch.zeros(1, 1, 8, 8))
     t = Teacher(m.eval(), (1, 8, 8), 3, (0.5,), (0.5,), "onnx", "fused.onnx", "2" * 64)
-    with pytest.raises(UserError, match=r"no BatchNorm statistics \(BN folded\).*--seeds DIR"):
+    with pytest.raises(UserError, match=r"no BatchNorm layers \(folded.*--seeds DIR"):
         recover_bn_stats(t)
 
 

@@ -61,7 +61,8 @@ def test_inspect_stats_synthesize_distill(files, seeds, tmp_path, net, fmt):
     model = files[net][fmt]
     shape = ("--input-shape", "3x16x16")
     info = json.loads(run("inspect", model, *NORM, *shape, "--json").stdout)
-    assert info["bn_folded"] and info["pyramid"]  # patch conv / stem: a spatial stage for the pyramid
+    assert info["batchnorm_layers"] == 0 and info["pyramid"]  # patch conv / stem: a spatial stage for the pyramid
+    assert re.match(r"no BatchNorm layers \(.*(layer_?norm|group_?norm)", info["batchnorm"], re.I)  # not "folded"
     if net == "vit":
         # every transformer block is constrained, not just the patch embedding
         blocks = {m.group(1) for s in info["token_stages"] if (m := re.match(r"blocks[._](\d)[._]", s["name"]))}

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..device import module_device
+from .formats.probe import shape_basis
 from .stages import probe_stages, probe_token_stages
-from .taps import batchnorm_layers, stat_layers
+from .taps import batchnorm_layers, batchnorm_summary, other_norm_layers, stat_layers
 from .teacher import Teacher
 
 
@@ -72,12 +73,15 @@ def inspect_teacher(teacher: Teacher) -> dict[str, Any]:
         "sha256": teacher.sha256,
         "arch": teacher.arch,
         "input_shape": list(teacher.input_shape),
+        "input_shape_from": shape_basis(teacher.extra.get("input_shape_from")),
+        "output_head": list(teacher.extra.get("output_head", [])),
         "num_classes": teacher.num_classes,
         "class_names": teacher.class_names,
         "mean": list(teacher.mean),
         "std": list(teacher.std),
         "batchnorm_layers": len(bns),
-        "bn_folded": len(bns) == 0,
+        "bn_folded": len(bns) == 0 and not other_norm_layers(module),  # no BN and no other norm: most likely folded
+        "batchnorm": batchnorm_summary(module),
         "stages": [s.to_dict() for s in stages],
         "token_stages": [s.to_dict() for s in tokens],
         "stat_layers": len(stat_layers(module, teacher.input_shape)),

@@ -21,6 +21,7 @@ from .formats import detect
 from .formats.common import Loaded, metadata_fields
 from .formats.descriptor import pick_model_file, read_descriptor
 from .formats.pickled import as_module, loaded_pickled_module, safe_torch_load
+from .formats.heads import to_logits
 from .formats.probe import probe_forward, resolve_input_shape, validate_input_shape
 from .formats.state_dict import build_from_state_dict, load_safetensors, unwrap_state_dict
 from .teacher import Teacher, check_preprocessing
@@ -136,6 +137,16 @@ def _non_finite_weights(module: nn.Module) -> str | None:
     return None
 
 
+def _runs(module: nn.Module, shape: tuple[int, int, int]) -> bool:
+    """Whether a probe batch goes through (else probe_forward below reports why, in one line)."""
+    try:
+        with torch.no_grad():
+            module(torch.zeros(2, *shape))
+        return True
+    except Exception:
+        return False
+
+
 def default_preprocessing(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """ImageNet statistics for RGB (what most pretrained models use), 0.5/0.5 (i.e. [-1, 1]) otherwise."""
     if channels == 3:
@@ -161,6 +172,7 @@ def finish(
         raise UserError(f"{label} has NaN/inf values in its weights ({bad}); it cannot be used as a teacher")
     shape, how = resolve_input_shape(module, label=label, flag=input_shape, metadata=loaded.input_shape,
                                      default_size=loaded.default_input_size)
+    head = to_logits(module, shape, label) if _runs(module, shape) else []
     out = probe_forward(module, shape, label)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -174,7 +186,7 @@ def finish(
         log(f"{label}: its metadata says {loaded.num_classes} classes but it outputs {k} logits; using {k}")
     mean_t, std_t = _preprocessing(loaded, shape[0], mean, std, label)
     names = loaded.class_names if loaded.class_names and len(loaded.class_names) == k else None
-    extra = dict(loaded.extra, input_shape_from=loaded.extra.get("input_shape_from", how))
+    extra = dict(loaded.extra, input_shape_from=loaded.extra.get("input_shape_from", how), output_head=head)
     return Teacher(module=module, input_shape=shape, num_classes=k, mean=mean_t, std=std_t, format=loaded.format,
                    source=source, sha256=sha256, arch=loaded.arch, class_names=names, extra=extra)
 

@@ -22,6 +22,41 @@ def batchnorm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+_OTHER_NORM_OPS = ("group_norm", "layer_norm", "instance_norm", "local_response_norm")
+
+
+def other_norm_layers(module: nn.Module) -> list[str]:
+    """Kinds of normalisation without running statistics (GroupNorm, LayerNorm, ...), as modules or graph calls."""
+    kinds = {type(m).__name__ for m in module.modules() if isinstance(m, _OTHER_NORMS)}
+    graph = getattr(module, "graph", None)
+    for node in getattr(graph, "nodes", ()):
+        name = str(getattr(node.target, "__name__", node.target)) if node.op == "call_function" else ""
+        kinds.update(op for op in _OTHER_NORM_OPS if op in name)
+    return sorted(kinds)
+
+
+def batchnorm_summary(module: nn.Module) -> str:
+    """What is true about a model's BatchNorm statistics, in the words ``inspect`` and every error use.
+
+    No BatchNorm may mean folded into the convolutions by an export, or a model that never had any
+    (GroupNorm/LayerNorm only); either way there are no running statistics to recover.
+    """
+    n = len(batchnorm_layers(module))
+    if n:
+        return f"{n} BatchNorm layers"
+    others = other_norm_layers(module)
+    if others:
+        return f"no BatchNorm layers ({', '.join(others)} only: no running statistics)"
+    return "no BatchNorm layers (folded into the convolutions by the export, or never had any)"
+
+
+def no_batchnorm_statistics(source: str, module: nn.Module, *, then: str = "") -> str:
+    """The one message for 'this teacher has no BatchNorm statistics': what is true and what to do."""
+    return (f"{source} has {batchnorm_summary(module)}; collect class-conditional statistics from a few real images "
+            f"with `dfcompress stats MODEL --seeds DIR -o stats.safetensors`{then}")
+
+
 @dataclass(frozen=True)
 class StatLayer:
     """A place whose per-channel statistics describe the data: a BN input or, when BN was folded, a conv output.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..models.taps import batchnorm_layers, stat_layers
+from ..models.taps import batchnorm_layers, no_batchnorm_statistics, stat_layers
 from ..models.teacher import Teacher
 from .store import FeatureStats
 
@@ -18,10 +18,7 @@ def recover_bn_stats(teacher: Teacher) -> FeatureStats:
     bns = dict(batchnorm_layers(teacher.module))
     layers = [l for l in stat_layers(teacher.module) if l.name in bns] if bns else []
     if not layers:
-        raise UserError(
-            f"{teacher.source} has no BatchNorm statistics (BN folded); collect class-conditional statistics "
-            "with `dfcompress stats MODEL --seeds DIR` or `--data DIR`"
-        )
+        raise UserError(no_batchnorm_statistics(teacher.source, teacher.module, then=" (or --data DIR)"))
     mean, var = {}, {}
     for l in layers:
         bn = bns[l.name]

@@ -19,7 +19,7 @@ import torch
 
 from ...errors import UserError
 from .common import Loaded, corrupted, first_line, metadata_fields
-from .fx_modules import modularize
+from .fx_modules import free_batch, modularize
 from .pickled import pickle_refusal, safe_torch_load, unsafe_globals
 
 PARITY_ATOL = 1e-4
@@ -98,39 +98,63 @@ def load_pt2(path: Path, *, label: str, allow_pickle: bool) -> Loaded:
         raise corrupted(label, "a torch.export .pt2 archive", exc) from None
     shape = _example_shape(original)
     module = modularize(ep.module()).eval()
-    batch = shape[0] if shape and shape[0] > 0 else 2
+    fixed = shape[0] if shape and shape[0] > 0 else None
+    if fixed is not None:
+        free_batch(module, fixed)
     fields: dict = {}
+    extra_info: dict = {"converted_via": "fx"}
     if shape and all(s > 0 for s in shape[1:]):
         fields["input_shape"] = tuple(shape[1:])
-        _check(original, module, (batch, *shape[1:]), label)
+        _check(original, module, tuple(shape[1:]), fixed, label)
+    if fixed is not None:
+        extra_info["exported_batch"] = fixed
     raw_meta = extra.get("dfcompress.json")
     if raw_meta:
         try:
             fields.update(metadata_fields(json.loads(raw_meta)))
         except ValueError:
             pass
-    return Loaded(module=module, format="pt2", extra={"converted_via": "fx"}, **fields)
+    return Loaded(module=module, format="pt2", extra=extra_info, **fields)
+
+
+def run_in_chunks(program: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``program`` (fixed batch size ``batch``) on any number of rows: chunks of ``batch``, the last one padded."""
+    outs = []
+    for start in range(0, x.shape[0], batch):
+        part = x[start:start + batch]
+        rows = part.shape[0]
+        if rows < batch:
+            part = torch.cat([part, part[:1].expand(batch - rows, *part.shape[1:])])
+        outs.append(program(part)[:rows])
+    return torch.cat(outs)
 
 
 @torch.no_grad()
-def _check(original: torch.nn.Module, module: torch.nn.Module, shape: tuple[int, ...], label: str) -> None:
-    """Same logits as the exported program at its example batch size, and a batch of 3 works too."""
+def _check(original: torch.nn.Module, module: torch.nn.Module, chw: tuple[int, ...], fixed: int | None, label: str) -> None:
+    """Same logits as the exported program at its example batch size and at other batch sizes (a program
+    exported with a fixed batch size is the reference there when run in chunks of that size)."""
     g = torch.Generator().manual_seed(1234)
-    x = torch.randn(*shape, generator=g)
+    example = fixed or 2
+    x = torch.randn(example, *chw, generator=g)
     try:
         ref, got = original(x), module(x)
     except Exception as exc:
-        raise UserError(f"{label}: the exported program does not run on a {list(shape)} input ({first_line(exc)})") from None
-    diff = float((ref - got).abs().max()) if isinstance(ref, torch.Tensor) and ref.shape == got.shape else float("inf")
+        raise UserError(f"{label}: the exported program does not run on a {[example, *chw]} input ({first_line(exc)})") from None
+    diff = _max_diff(ref, got)
     if not diff < PARITY_ATOL:
         raise UserError(f"{label}: the hookable rebuild of the exported program differs from it (max |Δlogit| = {diff:.3g}); "
                         "pass an ONNX export or the original weights with --arch instead")
-    y = torch.randn(3, *shape[1:], generator=g)
-    try:
-        rows = module(y)
-        ok = bool((rows[1:2] - module(y[1:2])).abs().max() < PARITY_ATOL)
-    except Exception:
-        ok = False
-    if not ok:
-        raise UserError(f"{label} was exported with a fixed batch size of {shape[0]}; re-export it with a dynamic batch "
-                        "dimension (torch.export.export(..., dynamic_shapes=...)) so it can score batches")
+    for n in sorted({example + 1, 1}):
+        y = torch.randn(n, *chw, generator=g)
+        try:
+            diff = _max_diff(run_in_chunks(original, y, fixed) if fixed else original(y), module(y))
+        except Exception:
+            diff = float("inf")
+        if not diff < PARITY_ATOL:
+            raise UserError(f"{label} was exported with a fixed batch size of {fixed} that dfcompress could not free (a batch of {n} "
+                            "gives other logits); re-export it with a dynamic batch dimension (torch.export.export(..., dynamic_shapes=...))")
+
+
+def _max_diff(ref: object, got: object) -> float:
+    ok = isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape
+    return float((ref - got).abs().max()) if ok else float("inf")

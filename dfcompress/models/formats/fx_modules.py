@@ -239,3 +239,67 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
         if hasattr(gm, attr):
             setattr(out, attr, getattr(gm, attr))
     return out
+
+
+def _size_arguments(node: fx.Node) -> list[tuple[int | str, list]]:
+    """(position or keyword, value) of the size-list arguments (``size``/``shape``) of an aten call."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.name not in ("size", "shape") or not ("[]" in str(arg.type) or str(arg.type).startswith("List[")):
+            continue
+        where: int | str = i if i < len(node.args) else arg.name
+        value = node.args[i] if isinstance(where, int) else node.kwargs.get(arg.name)
+        if isinstance(value, (list, tuple)) and value:
+            out.append((where, list(value)))
+    return out
+
+
+def free_batch(gm: fx.GraphModule, batch: int) -> int:
+    """Let a program exported at a fixed batch size run at any batch size; returns the arguments rewritten.
+
+    ``torch.export.export(model, (x,))`` bakes ``x.size(0)`` into size arguments (``view(x, [B, -1])``,
+    ``expand(t, [B, ...])``). Every size list whose first entry is ``B`` on a node whose output has ``B``
+    rows now reads the input's batch size at run time instead. At ``B == 1`` only nodes computed from the
+    input qualify (a parameter reshaped to ``[1, C, 1, 1]`` is not a batch). Chunking the batch instead
+    would be exact for logits but not for forward hooks: batch statistics of chunks are not those of the
+    batch. The caller checks the result against the original program run in chunks.
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return 0
+    data = placeholders[0]
+    from_input: set[fx.Node] = {data}
+    size_node: fx.Node | None = None
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op == "placeholder" or node is size_node:
+            continue
+        if any(a in from_input for a in node.all_input_nodes):
+            from_input.add(node)
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[0] == batch):
+            continue
+        if batch == 1 and node not in from_input:
+            continue
+        for where, value in _size_arguments(node):
+            if value[0] != batch or isinstance(value[0], fx.Node):
+                continue
+            if size_node is None:
+                with graph.inserting_after(data):
+                    size_node = graph.call_function(aten.sym_size.int, (data, 0))
+            value[0] = size_node
+            if isinstance(where, int):
+                args = list(node.args)
+                args[where] = value
+                node.args = tuple(args)
+            else:
+                node.kwargs = {**node.kwargs, where: value}
+            changed += 1
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed

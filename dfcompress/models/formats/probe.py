@@ -14,6 +14,7 @@ from torch import nn
 from ...errors import UserError
 from ...progress import log
 from .common import first_conv_in_channels, first_line
+from .heads import logits_like
 
 PROBE_SIZES = (32, 224, 28, 64, 8)
 
@@ -59,9 +60,9 @@ def resolve_input_shape(
     for size in PROBE_SIZES:
         shape = (channels, size, size)
         out = _probe(forward, shape)
-        if isinstance(out, torch.Tensor) and out.dim() != 2:
+        if isinstance(out, torch.Tensor) and not logits_like(out):
             ran_unlike_classifier = ran_unlike_classifier or (size, tuple(out.shape))
-        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2:
+        if logits_like(out) and out.shape[0] == 2:  # type: ignore[union-attr]
             log(f"{label}: input shape not recorded in the file; assuming {channels}x{size}x{size} (the first probed size "
                 "that runs); pass --input-shape C,H,W if that is wrong")
             return shape, "probe"
@@ -70,6 +71,20 @@ def resolve_input_shape(
         raise UserError(f"{label} is not a classifier: at {channels}x{size}x{size} it returns shape {list(got)}, not [N, classes]; "
                         "dfcompress compresses image classifiers")
     raise UserError(f"{label} accepted none of the probed input sizes {list(PROBE_SIZES)} with {channels} channel(s); pass --input-shape C,H,W")
+
+
+SHAPE_BASIS = {
+    "flag": "from --input-shape",
+    "metadata": "recorded in the file",
+    "traced example input": "the example input the file was traced with",
+    "arch default": "the architecture's default size",
+    "probe": f"GUESSED: not recorded in the file, the first of {'/'.join(map(str, PROBE_SIZES))} px that runs; pass --input-shape C,H,W if wrong",
+}
+
+
+def shape_basis(how: str | None) -> str:
+    """What an input shape rests on, in words for ``inspect``."""
+    return SHAPE_BASIS.get(how or "", how or "unknown")
 
 
 MAX_CHANNELS, MAX_SIDE = 16, 2048

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import io
 import json
+import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from unittest import mock
 
@@ -120,10 +122,42 @@ def script_to_hookable(ts: torch.jit.ScriptModule, input_shape: tuple[int, int, 
     return module
 
 
+def traced_input_shape(path: Path) -> tuple[int, int, int] | None:
+    """C,H,W of the example input ``torch.jit.trace`` stored (``traced_inputs.pkl``, torch >= 2.0; absent in
+    scripted modules), read statically from the pickle opcodes: nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/traced_inputs.pkl")), None)
+            data = z.read(name) if name else b""
+    except (zipfile.BadZipFile, OSError, KeyError):
+        return None
+    marks: list[list] = []
+    tensor_seen = False
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name == "GLOBAL" and "_rebuild_tensor" in str(arg):
+                tensor_seen = True
+            elif op.name == "MARK":
+                marks.append([])
+            elif op.name == "TUPLE" and marks:
+                items = marks.pop()  # the first all-int 4-tuple after a tensor rebuild is its size
+                if tensor_seen and len(items) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+                    return tuple(items[1:])  # type: ignore[return-value]
+            elif marks and arg is not None:
+                marks[-1].append(arg)
+    except Exception:  # damaged or unexpected layout: fall back to probing
+        return None
+    return None
+
+
 def load_torchscript(path: Path, *, label: str, input_shape: tuple[int, int, int] | None) -> Loaded:
     ts, meta = read_torchscript(path, label)
     fields = metadata_fields(meta)
-    shape, how = resolve_input_shape(ts, label=label, flag=input_shape, metadata=fields.get("input_shape"), forward=ts)
+    traced = None if input_shape or fields.get("input_shape") else traced_input_shape(path)
+    if traced is not None:
+        shape, how = traced, "traced example input"
+    else:
+        shape, how = resolve_input_shape(ts, label=label, flag=input_shape, metadata=fields.get("input_shape"), forward=ts)
     module = script_to_hookable(ts, shape, label)
     fields["input_shape"] = shape
     return Loaded(module=module, format="torchscript", extra={"input_shape_from": how, "converted_via": "onnx"}, **fields)
