@@ -463,3 +463,18 @@ def test_fast_ni_state_round_trips_and_is_all_it_carries(digits):
     other = build_synthesizer(teacher, s, CPU)
     other.load_state(state)
     assert torch.equal(other.synthesize_batch(LABELS, seed=1).images01, expected)
+
+
+@pytest.mark.parametrize("method", ["naturalinversion", "fast-ni"])
+def test_teacher_without_spatial_stages_runs_naturalinversion_without_the_pyramid(method):
+    """Only a 1x1 map (a kernel as large as the image): no stage to feed the pyramid, so none is built."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 8), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10)).eval()
+    model[1].running_mean.normal_()
+    teacher = Teacher(model, (1, 8, 8), 10, (0.5,), (0.25,), "state_dict", "test:stageless", "1" * 64)
+    made = {}
+    for pyramid in (True, False):
+        synth = build_synthesizer(teacher, SynthesizeSettings(method=method, iterations=2, use_pyramid=pyramid, **SMALL), CPU)
+        assert synth.stages == []
+        made[pyramid] = synth.synthesize_batch(LABELS, seed=3).images01
+    assert torch.equal(made[True], made[False])

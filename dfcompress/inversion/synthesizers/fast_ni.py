@@ -56,7 +56,7 @@ class FastNaturalInversion(NaturalInversion):
         """The meta modules, initialised as NaturalInversion initialises a fresh batch's, from ``seed``."""
         g = torch.Generator().manual_seed(int(seed))
         parts: dict[str, nn.Module] = {"generator": self.build_generator(derive_seed(g))}
-        if self.settings.use_pyramid and self.settings.meta_pyramid:
+        if self.use_pyramid and self.settings.meta_pyramid:
             parts["pyramid"] = self.build_pyramid(derive_seed(g))
         self.meta = self.runtime.prepare(nn.ModuleDict(parts))
         self.meta_opt = adam(self.meta.parameters(), lr=self.meta_lr, betas=META_BETAS)
@@ -68,9 +68,9 @@ class FastNaturalInversion(NaturalInversion):
             self._build_meta(meta_seed)
         assert self.meta is not None
         fast = copy.deepcopy(self.meta)
-        if self.settings.use_pyramid and "pyramid" not in fast:  # meta_pyramid off: a fresh pyramid per batch
+        if self.use_pyramid and "pyramid" not in fast:  # meta_pyramid off: a fresh pyramid per batch
             fast["pyramid"] = self.runtime.prepare(self.build_pyramid(pyramid_seed))
-        ftp = fast["pyramid"] if self.settings.use_pyramid else None
+        ftp = fast["pyramid"] if self.use_pyramid else None
 
         meta_params = list(self.meta.parameters())
         fast_params = [p for name, p in fast.named_parameters() if name.split(".")[0] in self.meta]

@@ -49,6 +49,8 @@ class NaturalInversion(Synthesizer):
     def __init__(self, teacher, settings, runtime, stats=None):
         super().__init__(teacher, settings, runtime, stats)
         self.stages = probe_stages(self.model, tuple(teacher.input_shape)) if settings.use_pyramid else []
+        # token models (ViTs) may have no spatial stage to feed the pyramid: then NaturalInversion runs without it
+        self.use_pyramid = settings.use_pyramid and bool(self.stages)
 
     def build_pyramid(self, seed: int) -> FeatureTransferPyramid:
         """A freshly initialised FTP for this teacher's stages."""
@@ -63,7 +65,7 @@ class NaturalInversion(Synthesizer):
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
         rng = torch.Generator().manual_seed(int(seed))
         gen = self.build_generator(derive_seed(rng))
-        ftp = self.build_pyramid(derive_seed(rng)) if self.settings.use_pyramid else None
+        ftp = self.build_pyramid(derive_seed(rng)) if self.use_pyramid else None
         return self.optimise(gen, ftp, labels, rng, on_step)
 
     def optimise(self, gen: ConditionalGenerator, ftp: Optional[FeatureTransferPyramid], labels: torch.Tensor,
