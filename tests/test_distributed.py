@@ -298,3 +298,22 @@ def test_plain_run_is_a_world_of_one(monkeypatch):
         assert ctx.broadcast("runs/x") == "runs/x"
         ctx.barrier()
     assert DistContext(restart_count=1).restarted
+
+
+@needs_torchrun
+def test_fast_ni_on_two_ranks_equals_one_process(tmp_path):
+    """fast-ni: rank 0 meta-learns on the first 2 shards (the others wait), then every rank makes its share of the
+    rest from the frozen meta-state saved with shard 1 -- byte for byte what one process makes."""
+    data = yaml.safe_load((REPO / "profiles" / "ci-smoke.yaml").read_text())
+    data["synthesize"].update(method="fast-ni", num_images=32, batch_size=8, iterations=2, meta_shards=2)
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(data))
+    args = ("synthesize", "--profile", "fast.yaml", "--device", "cpu")
+    single(tmp_path, *args, "-o", "one")
+    two = torchrun(tmp_path, *args, "-o", "two")
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert len(_files(a)) == 4 and _files(a) == _files(b)
+    states = sorted(p.name for p in (b / "shards").glob("state-*.safetensors"))
+    assert states == ["state-00000.safetensors", "state-00001.safetensors"]
+    assert all((a / "shards" / s).read_bytes() == (b / "shards" / s).read_bytes() for s in states)
+    assert _manifest(a) == _manifest(b) and _manifest(a)["sequential_shards"] == 2
+    assert "waiting for rank 0 to make the first 2 shard(s)" in two.stderr
