@@ -256,7 +256,12 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
     name, label = ARMS[key]
     arm_dir = work / f"{key}-{name}"
     synth_dir, student_dir = arm_dir / "synthetic", arm_dir / "student"
-    if arm_dir.exists():
+    reuse = ctx.get("resume") and key in METHOD and (synth_dir / "manifest.json").is_file()
+    if reuse:  # a finished synthetic set of an interrupted run: the runner verifies every shard and keeps it
+        for sub in arm_dir.iterdir():
+            if sub != synth_dir:
+                shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+    elif arm_dir.exists():
         shutil.rmtree(arm_dir)
     teacher = ctx["onnx_teacher"] if key in SEEDED_STATS_ARMS else ctx["torch_teacher"]
     settings = make_settings(cfg, METHOD.get(key, "naturalinversion"), seed, key)
@@ -281,6 +286,10 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
     res["teacher_passes"] = teacher_passes(key, images, iterations)
     common.sync(rt.device)
     res["synth_seconds"] = round(time.perf_counter() - t0, 2)
+    if reuse:
+        shards = sorted((synth_dir / "shards").glob("shard-*.safetensors"), key=lambda f: f.stat().st_mtime)
+        res["synth_seconds"] = None  # not measured in this run
+        res["synthetic_reused"] = f"kept from the interrupted run; its shards were written over {shards[-1].stat().st_mtime - shards[0].stat().st_mtime:.0f} s (first to last)"
     res["synthetic"] = synthetic_summary(synth_dir)
     res.update(distill_and_score(key, teacher, synth_dir, student_dir, settings, ctx))
     if ctx.get("curve") and key == "g":
@@ -489,6 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = args.work or (common.REPO / "runs" / f"bench-quality-{args.budget}")
     torch_teacher, onnx_teacher = load_teachers()
     ctx: dict[str, Any] = {"cfg": cfg, "work": work, "seed": args.seed, "runtime": rt, "torch_teacher": torch_teacher, "curve": args.curve,
+                           "resume": args.resume,
                            "onnx_teacher": onnx_teacher, "evaluator": Evaluator(cfg["eval_limit"], threads)}
     if args.plan:
         projected = plan(ctx, arms)

@@ -316,3 +316,18 @@ def test_naturalinversion_end_to_end(tmp_path):
     img, label, logits = ds[3]
     assert img.shape == (3, 8, 8) and 0 <= img.min() and img.max() <= 1 and logits.shape == (4,)
     assert (tmp_path / "preview.png").is_file() and (tmp_path / "loss.png").is_file()
+
+
+def test_projected_synthesis_time_is_said_up_front(tmp_path, capsys):
+    run(tmp_path, make_settings(n=8, batch=4, iterations=5))
+    err = capsys.readouterr().err
+    assert "projected synthesis time" in err and "x 5 iterations x 2 batch(es) of 4" in err
+
+
+def test_long_naturalinversion_runs_point_to_fast_ni():
+    from dfcompress.inversion.runner import _Projection
+
+    s = make_settings(n=1024, batch=64, iterations=2000, method="naturalinversion").synthesize
+    text = _Projection(s, shards=16).message(per_iteration_s=1.5)
+    assert "13.3 h" in text and "--method fast-ni" in text
+    assert "fast-ni" not in _Projection(s, shards=16).message(per_iteration_s=0.001)  # short runs: no advice
