@@ -74,30 +74,20 @@ def teacher():
     return digits_teacher()  # a fresh module per test: stages move it
 
 
+INFERENCE_PATHS = {  # each runs the teacher on 16 real digits, batch 8
+    "collect_stats": lambda teacher, data, rt: collect_stats(teacher, data.x, data.y, runtime=rt, batch_size=8),
+    "module_logits": lambda teacher, data, rt: module_logits(teacher.module, data.x, teacher, rt, batch_size=8),
+    "teacher_logits": lambda teacher, data, rt: teacher_logits(teacher, data.x, rt, batch_size=8),
+}
+
+
+@pytest.mark.parametrize("path", list(INFERENCE_PATHS))
 @pytest.mark.parametrize("make_runtime", _targets())
-def test_collect_stats_runs_the_teacher_on_the_runtime_device(teacher, make_runtime):
+def test_inference_paths_run_the_teacher_on_the_runtime_device(teacher, make_runtime, path):
     runtime = make_runtime()
     data = digits_test_data(limit=16)
     with placement(teacher=teacher.module) as seen:
-        run_until_host_copy(lambda: collect_stats(teacher, data.x, data.y, runtime=runtime, batch_size=8), runtime)
-    _assert_on(seen, runtime)
-
-
-@pytest.mark.parametrize("make_runtime", _targets())
-def test_module_logits_runs_the_module_on_the_runtime_device(teacher, make_runtime):
-    runtime = make_runtime()
-    data = digits_test_data(limit=16)
-    with placement(teacher=teacher.module) as seen:
-        run_until_host_copy(lambda: module_logits(teacher.module, data.x, teacher, runtime, batch_size=8), runtime)
-    _assert_on(seen, runtime)
-
-
-@pytest.mark.parametrize("make_runtime", _targets())
-def test_teacher_logits_runs_the_teacher_on_the_runtime_device(teacher, make_runtime):
-    runtime = make_runtime()
-    data = digits_test_data(limit=16)
-    with placement(teacher=teacher.module) as seen:
-        run_until_host_copy(lambda: teacher_logits(teacher, data.x, runtime, batch_size=8), runtime)
+        run_until_host_copy(lambda: INFERENCE_PATHS[path](teacher, data, runtime), runtime)
     _assert_on(seen, runtime)
 
 

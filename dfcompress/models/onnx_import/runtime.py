@@ -313,29 +313,20 @@ def _tensors(*vals: Value) -> list[torch.Tensor]:
     return [as_tensor(v, like=like) for v in vals]
 
 
-def equal(a: Value, b: Value) -> torch.Tensor:
-    a, b = _tensors(a, b)
-    return torch.eq(a, b)
+def _comparison(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str) -> Callable[[Value, Value], torch.Tensor]:
+    """An ONNX comparison on tensors or shape values (lists/ints), named for the generated graph code."""
+    def compare(a: Value, b: Value) -> torch.Tensor:
+        a, b = _tensors(a, b)
+        return op(a, b)
+    compare.__name__ = compare.__qualname__ = name
+    return compare
 
 
-def less(a: Value, b: Value) -> torch.Tensor:
-    a, b = _tensors(a, b)
-    return torch.lt(a, b)
-
-
-def greater(a: Value, b: Value) -> torch.Tensor:
-    a, b = _tensors(a, b)
-    return torch.gt(a, b)
-
-
-def less_equal(a: Value, b: Value) -> torch.Tensor:
-    a, b = _tensors(a, b)
-    return torch.le(a, b)
-
-
-def greater_equal(a: Value, b: Value) -> torch.Tensor:
-    a, b = _tensors(a, b)
-    return torch.ge(a, b)
+equal = _comparison(torch.eq, "equal")
+less = _comparison(torch.lt, "less")
+greater = _comparison(torch.gt, "greater")
+less_equal = _comparison(torch.le, "less_equal")
+greater_equal = _comparison(torch.ge, "greater_equal")
 
 
 def trilu(x: torch.Tensor, k: Value = 0, upper: int = 1) -> torch.Tensor:
