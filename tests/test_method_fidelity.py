@@ -117,6 +117,33 @@ def test_naturalinversion_pyramid_weights_learn_and_shape_the_images(teacher, mo
     assert (other - plain).abs().amax() > 1e-3
 
 
+def test_pyramid_computes_eq_5_literally(teacher):
+    """m_1 = W1(up(f_N)), m_l = W1(up(W3(m_{l-1} + f_{N-l+1}))), out = tanh(W1(g + m_N)), written out with explicit resizes."""
+    import torch.nn.functional as F
+
+    from dfcompress.inversion.pyramid import FeatureTransferPyramid, StageTaps
+    from dfcompress.models.stages import probe_stages
+
+    model = teacher.module
+    stages = probe_stages(model, teacher.input_shape)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        ftp = FeatureTransferPyramid(stages, teacher.input_shape)
+        for p in ftp.parameters():  # non-zero biases too, so every addition shows
+            nn.init.normal_(p, 0.0, 0.3)
+        g = torch.randn(2, *teacher.input_shape)
+    with StageTaps(model, stages) as taps:
+        feats = taps.capture(model, g)
+    sizes = [(s.height, s.width) for s in reversed(stages)][1:] + [tuple(teacher.input_shape[1:])]
+    m = None
+    for block, f, size in zip(ftp.blocks, reversed(feats), sizes):
+        x = f if m is None else block.conv3(m + f)
+        m = block.conv1(F.interpolate(x, size=size, mode="nearest"))
+    want = torch.tanh(ftp.out(g + m))
+    with torch.no_grad():
+        assert torch.allclose(ftp(g, feats), want, atol=1e-5)
+
+
 # ------------------------------------------------------------------ Adaptive Channel Scaling
 
 
