@@ -215,3 +215,15 @@ def test_adi_student_that_agrees_with_the_teacher_exerts_no_pull(teacher):
         assert all(row["adi"] == pytest.approx(1.0, abs=1e-6) for row in res.history)
         images.append(res.images01)
     assert torch.allclose(images[0], images[1], atol=1e-5)
+
+
+def test_pixel_clamp_is_straight_through():
+    """pixel_clamp: the teacher sees exactly the clamped pixels, yet saturated pixels keep an identity gradient."""
+    from dfcompress.inversion.synthesizers.common import straight_through_clamp
+
+    lo, hi = torch.tensor(-1.0).view(1, 1, 1, 1), torch.tensor(2.0).view(1, 1, 1, 1)
+    x = torch.tensor([-3.0, -1.0, 0.5, 2.0, 5.0]).view(1, 1, 1, 5).requires_grad_(True)
+    out = straight_through_clamp(x, lo, hi)
+    assert torch.equal(out.detach(), x.detach().clamp(-1.0, 2.0))
+    (out * torch.arange(1.0, 6.0).view(1, 1, 1, 5)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(1.0, 6.0).view(1, 1, 1, 5))
