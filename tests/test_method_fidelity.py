@@ -181,6 +181,20 @@ def test_channel_scaling_alpha_is_learnt_per_image_and_per_channel(teacher):
     assert torch.allclose(_space(teacher, still.images01), first, atol=1e-6)
 
 
+def _prior_terms(s: SynthesizeSettings, row: dict[str, float]) -> float:
+    """The documented objective without method-specific terms: λ_ce CE + λ_bn R_stats + λ_tv TV + λ_l2 l2."""
+    return s.lambda_ce * row["ce"] + s.lambda_bn * row["bn"] + s.lambda_tv * row["tv"] + s.lambda_l2 * row["l2"]
+
+
+def test_naturalinversion_loss_is_the_weighted_sum_of_its_terms(teacher):
+    """Each recorded term enters the optimised total with its own weight (weights chosen distinct so a mix-up shows)."""
+    s = SynthesizeSettings(**SMALL, iterations=3, lambda_ce=1.5, lambda_bn=0.7, lambda_tv=0.3, lambda_l2=0.2)
+    res = build_synthesizer(teacher, s, CPU).synthesize_batch(LABELS, seed=0)
+    for row in res.history:
+        assert min(row["ce"], row["bn"], row["tv"], row["l2"]) > 0
+        assert row["total"] == pytest.approx(_prior_terms(s, row), rel=1e-5)
+
+
 # ------------------------------------------------------------------ ADI competition term
 
 
@@ -193,8 +207,7 @@ def test_adi_loss_includes_the_weighted_competition_term(teacher):
     res = build_synthesizer(teacher, s, CPU).synthesize_batch(LABELS, seed=0)
     for row in res.history:
         assert 0.0 <= row["adi"] < 1.0  # a fresh student disagrees with the teacher
-        base = s.lambda_ce * row["ce"] + s.lambda_bn * row["bn"] + s.lambda_tv * row["tv"] + s.lambda_l2 * row["l2"]
-        assert row["total"] == pytest.approx(base + 3.0 * row["adi"], rel=1e-5, abs=1e-6)
+        assert row["total"] == pytest.approx(_prior_terms(s, row) + 3.0 * row["adi"], rel=1e-5, abs=1e-6)
 
 
 def test_adi_competition_weight_moves_the_images(teacher):

@@ -182,3 +182,19 @@ def test_load_rejects_foreign_files(tmp_path):
             FeatureStats.load(p)
     with pytest.raises(UserError, match="not found"):
         FeatureStats.load(tmp_path / "missing.safetensors")
+
+
+def test_load_rejects_a_statistics_file_missing_a_tensor(tmp_path):
+    """Right format tag, but a layer's tensor is gone (truncated or hand-edited file): the one-line refusal, no KeyError."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    t = zoo_teacher()
+    x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    path = collect_stats(t, x, torch.tensor([0, 1]), source="unit").save(tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del tensors[next(k for k in tensors if k.startswith("var/"))]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(UserError, match="not a dfcompress statistics file"):
+        FeatureStats.load(path)
