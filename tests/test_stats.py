@@ -184,8 +184,10 @@ def test_load_rejects_foreign_files(tmp_path):
         FeatureStats.load(tmp_path / "missing.safetensors")
 
 
-def test_load_rejects_a_statistics_file_missing_a_tensor(tmp_path):
-    """Right format tag, but a layer's tensor is gone (truncated or hand-edited file): the one-line refusal, no KeyError."""
+def test_load_rejects_a_damaged_statistics_file(tmp_path):
+    """Right format tag, but a tensor is gone or a header field has the wrong type: the one-line refusal, no traceback."""
+    import json
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -194,7 +196,9 @@ def test_load_rejects_a_statistics_file_missing_a_tensor(tmp_path):
     path = collect_stats(t, x, torch.tensor([0, 1]), source="unit").save(tmp_path / "s.safetensors")
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    del tensors[next(k for k in tensors if k.startswith("var/"))]
-    save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(UserError, match="not a dfcompress statistics file"):
-        FeatureStats.load(path)
+    bad_meta = json.loads(meta["dfcompress"])
+    bad_meta["layers"][0]["channels"] = None  # a hand-edited header: wrong type
+    for body, header in ((dict(list(tensors.items())[1:]), meta), (tensors, {"dfcompress": json.dumps(bad_meta)})):
+        save_file(body, str(path), metadata=header)
+        with pytest.raises(UserError, match="not a dfcompress statistics file"):
+            FeatureStats.load(path)
