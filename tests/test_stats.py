@@ -202,3 +202,20 @@ def test_load_rejects_a_damaged_statistics_file(tmp_path):
         save_file(body, str(path), metadata=header)
         with pytest.raises(UserError, match="not a dfcompress statistics file"):
             FeatureStats.load(path)
+
+
+def test_collected_stats_refuse_a_teacher_with_other_preprocessing():
+    """Collected statistics depend on the normalisation the images went through: another mean/std is refused."""
+    import copy
+
+    t = zoo_teacher()
+    x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    stats = collect_stats(t, x, torch.tensor([0, 1]), source="unit")
+    near = copy.copy(t)
+    near.mean = tuple(m + 1e-9 for m in t.mean)  # float noise from a config file is not a mismatch
+    stats.check_matches(near)
+    for field, value in (("mean", (0.5, 0.5, 0.5)), ("std", (0.229, 0.224, 0.5))):
+        other = copy.copy(t)
+        setattr(other, field, value)
+        with pytest.raises(UserError, match="collected with preprocessing.*--mean/--std"):
+            stats.check_matches(other)
