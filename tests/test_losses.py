@@ -169,3 +169,10 @@ def test_moments_gradient_matches_autograd_reference():
     ref(x1).backward()
     ours(x2).backward()
     assert torch.allclose(x1.grad.float(), x2.grad.float(), atol=1e-5)
+
+
+def test_moments_of_flat_features():
+    """[N, C] features (BatchNorm1d inputs, Linear outputs) have per-channel moments over the batch only."""
+    f = torch.randn(7, 3, generator=torch.Generator().manual_seed(7))
+    mean, var = losses.moments(f)
+    assert torch.allclose(mean, f.mean(0)) and torch.allclose(var, f.var(0, unbiased=False), atol=1e-6)

@@ -182,3 +182,40 @@ def test_load_rejects_foreign_files(tmp_path):
             FeatureStats.load(p)
     with pytest.raises(UserError, match="not found"):
         FeatureStats.load(tmp_path / "missing.safetensors")
+
+
+def test_load_rejects_a_damaged_statistics_file(tmp_path):
+    """Right format tag, but a tensor is gone or a header field has the wrong type: the one-line refusal, no traceback."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    t = zoo_teacher()
+    x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    path = collect_stats(t, x, torch.tensor([0, 1]), source="unit").save(tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad_meta = json.loads(meta["dfcompress"])
+    bad_meta["layers"][0]["channels"] = None  # a hand-edited header: wrong type
+    for body, header in ((dict(list(tensors.items())[1:]), meta), (tensors, {"dfcompress": json.dumps(bad_meta)})):
+        save_file(body, str(path), metadata=header)
+        with pytest.raises(UserError, match="not a dfcompress statistics file"):
+            FeatureStats.load(path)
+
+
+def test_collected_stats_refuse_a_teacher_with_other_preprocessing():
+    """Collected statistics depend on the normalisation the images went through: another mean/std is refused."""
+    import copy
+
+    t = zoo_teacher()
+    x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    stats = collect_stats(t, x, torch.tensor([0, 1]), source="unit")
+    near = copy.copy(t)
+    near.mean = tuple(m + 1e-9 for m in t.mean)  # float noise from a config file is not a mismatch
+    stats.check_matches(near)
+    for field, value in (("mean", (0.5, 0.5, 0.5)), ("std", (0.229, 0.224, 0.5))):
+        other = copy.copy(t)
+        setattr(other, field, value)
+        with pytest.raises(UserError, match="collected with preprocessing.*--mean/--std"):
+            stats.check_matches(other)
