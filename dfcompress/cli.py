@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 OutDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: runs/<command>-<time>).")]
-SynthDataOpt = Annotated[Optional[str], typer.Option("--data", help="A synthetic set folder from `dfcompress synthesize` (default: synthesize one first).")]
+SynthDataOpt = Annotated[Optional[list[str]], typer.Option("--data", help="Training/calibration images: a synthetic set folder, an image folder (labels optional) or an .npz (x uint8 NHWC, y optional); repeat to mix sources, PATH:WEIGHT sets a source's share (e.g. --data synth/ --data seeds.npz:0.2). Default: synthesize a set first.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Real labelled test images (ImageFolder dir or .npz with x,y) for top-1; the embedded teacher uses its real digits test split.")]
 NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", "-n", help="Number of images to synthesize.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="naturalinversion | fast-ni | deepinversion | adi | cmi")]

@@ -225,6 +225,7 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
           eval_data: Any = None, *, progress: Any = None) -> dict[str, Any]:
     """Prune ``teacher``, fine-tune it by KD on ``synth_dir``, write the model folder; returns metrics."""
     from ..data.synthetic import SyntheticSet
+    from ..data.training_set import describe_sources
     from ..evaluate import agreement, module_logits, to_input, top1
     from ..export import cpu_copy
     from ..models.introspect import count_macs, count_params
@@ -256,6 +257,7 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
         "params_before": int(count_params(model)), "params_after": int(count_params(pruned)),
         "macs_before": int(count_macs(model, shape)), "macs_after": int(count_macs(pruned, shape)),
     }
+    metrics["data_sources"] = describe_sources(dataset.manifest, synth_dir)
     metrics["params_removed"] = 1.0 - metrics["params_after"] / metrics["params_before"]
     metrics["macs_removed"] = 1.0 - metrics["macs_after"] / metrics["macs_before"]
 

@@ -142,6 +142,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from ..data.synthetic import SyntheticSet
+    from ..data.training_set import describe_sources
     from ..evaluate import agreement, onnx_logits, top1
     from ..export import META_KEY, model_metadata, onnx_session, set_onnx_metadata
     from ..models.model_dir import DESCRIPTOR, write_descriptor
@@ -188,6 +189,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
         "holdout_max_abs_diff": float((int8_hold - fp32_hold).abs().max()),
         "top1_before": None, "top1_after": None, "agreement": None,
     }
+    metrics["data_sources"] = describe_sources(dataset.manifest, synth_dir)
     metrics["size_ratio"] = metrics["bytes_before"] / max(1, metrics["bytes_after"])
     if eval_data is not None and len(eval_data):
         before, after = onnx_logits(fp32_file, eval_data.x, like), onnx_logits(int8_file, eval_data.x, like)
