@@ -414,6 +414,9 @@ def quantize(
     model: ModelArg = None, data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None,
     eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", help="Synthetic images used for calibration.")] = None,
+    calibrate_method: Annotated[Optional[str], typer.Option("--calibrate-method", help="Activation range estimator: minmax | entropy | percentile.")] = None,
+    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel (default) or one per tensor.")] = None,
+    symmetric_activations: Annotated[Optional[bool], typer.Option("--symmetric-activations/--asymmetric-activations", help="Activation zero point fixed at 0, or fitted (default).")] = None,
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
@@ -425,7 +428,9 @@ def quantize(
     from .pipeline import real_eval_data, synthetic_set
 
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
-                                 "quantize.calibration_images": calibration_images}, dry_run, save_config)
+                                 "quantize.calibration_images": calibration_images, "quantize.calibrate_method": calibrate_method,
+                                 "quantize.per_channel": per_channel, "quantize.symmetric_activations": symmetric_activations},
+                dry_run, save_config)
     _check_max_drop(max_drop)
     timer = Timer()
     out = output or default_output("quantize")

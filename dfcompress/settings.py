@@ -114,6 +114,7 @@ class QuantizeSettings:
     calibration_images: int = _f(256, "synthetic images used to calibrate activation ranges", min=1)
     per_channel: bool = _f(True, "per-channel weight quantization")
     calibrate_method: str = _f("minmax", "activation range estimator", choices=["minmax", "entropy", "percentile"])
+    symmetric_activations: bool = _f(False, "symmetric activation ranges (zero point 0) instead of asymmetric min/max")
 
 
 @dataclass
