@@ -328,6 +328,7 @@ def prune(
     target: Annotated[Optional[str], typer.Option("--target", help="What --ratio measures: channels | params | macs.")] = None,
     global_pruning: Annotated[Optional[bool], typer.Option("--global/--local", help="Rank channels across all layers instead of per layer.")] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N (edge hardware).")] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", help="Channel ranking: l1 (default) | l2 | taylor | hessian (gradients on the training set).")] = None,
     data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None, epochs: EpochsOpt = None,
     eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None, method: MethodOpt = None, iterations: ItersOpt = None,
     stats_file: StatsOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
@@ -340,6 +341,7 @@ def prune(
 
     settings = resolve(profile, {**_common_overrides(seed, device), "prune.ratio": ratio, "prune.target": target,
                                  "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.epochs": epochs,
+                                 "prune.importance": importance,
                                  "synthesize.num_images": num_images, "synthesize.method": method,
                                  "synthesize.iterations": iterations, "synthesize.stats": stats_file}, dry_run, save_config)
     if not data:
