@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 OutDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: runs/<command>-<time>).")]
-SynthDataOpt = Annotated[Optional[str], typer.Option("--data", help="A synthetic set folder from `dfcompress synthesize` (default: synthesize one first).")]
+SynthDataOpt = Annotated[Optional[list[str]], typer.Option("--data", help="Training/calibration images: a synthetic set folder, an image folder (labels optional) or an .npz (x uint8 NHWC, y optional); repeat to mix sources, PATH:WEIGHT sets a source's share (e.g. --data synth/ --data seeds.npz:0.2). Default: synthesize a set first.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Real labelled test images (ImageFolder dir or .npz with x,y) for top-1; the embedded teacher uses its real digits test split.")]
 NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", "-n", help="Number of images to synthesize.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="naturalinversion | fast-ni | deepinversion | adi | cmi")]
@@ -328,6 +328,7 @@ def prune(
     target: Annotated[Optional[str], typer.Option("--target", help="What --ratio measures: channels | params | macs.")] = None,
     global_pruning: Annotated[Optional[bool], typer.Option("--global/--local", help="Rank channels across all layers instead of per layer.")] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N (edge hardware).")] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", help="Channel ranking: l1 (default) | l2 | taylor | hessian (gradients on the training set).")] = None,
     data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None, epochs: EpochsOpt = None,
     eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None, method: MethodOpt = None, iterations: ItersOpt = None,
     stats_file: StatsOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
@@ -340,6 +341,7 @@ def prune(
 
     settings = resolve(profile, {**_common_overrides(seed, device), "prune.ratio": ratio, "prune.target": target,
                                  "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.epochs": epochs,
+                                 "prune.importance": importance,
                                  "synthesize.num_images": num_images, "synthesize.method": method,
                                  "synthesize.iterations": iterations, "synthesize.stats": stats_file}, dry_run, save_config)
     if not data:
@@ -414,6 +416,9 @@ def quantize(
     model: ModelArg = None, data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None,
     eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", help="Synthetic images used for calibration.")] = None,
+    calibrate_method: Annotated[Optional[str], typer.Option("--calibrate-method", help="Activation range estimator: minmax | entropy | percentile.")] = None,
+    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel (default) or one per tensor.")] = None,
+    symmetric_activations: Annotated[Optional[bool], typer.Option("--symmetric-activations/--asymmetric-activations", help="Activation zero point fixed at 0, or fitted (default).")] = None,
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
@@ -425,7 +430,9 @@ def quantize(
     from .pipeline import real_eval_data, synthetic_set
 
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
-                                 "quantize.calibration_images": calibration_images}, dry_run, save_config)
+                                 "quantize.calibration_images": calibration_images, "quantize.calibrate_method": calibrate_method,
+                                 "quantize.per_channel": per_channel, "quantize.symmetric_activations": symmetric_activations},
+                dry_run, save_config)
     _check_max_drop(max_drop)
     timer = Timer()
     out = output or default_output("quantize")

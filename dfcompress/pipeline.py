@@ -41,23 +41,14 @@ def check_teacher_has_statistics(teacher: Teacher, stats) -> None:
         raise UserError(no_batchnorm_statistics(teacher.source, teacher.module, then=" and pass --stats stats.safetensors"))
 
 
-def synthetic_set(teacher: Teacher, settings: Settings, runtime: Runtime, *, data: Optional[str],
+def synthetic_set(teacher: Teacher, settings: Settings, runtime: Runtime, *, data: Optional[str | list[str]],
                   out_dir: Path, stats_path: Optional[str] = None, rank: int = 0, world_size: int = 1,
                   barrier=None) -> Path:
-    """Return the folder of a complete synthetic set for this teacher: ``data`` if given (checked),
-    else synthesize one into ``out_dir`` (resuming a partial one)."""
-    from .data.synthetic import SyntheticSet
-
+    """Return the folder of a complete training set for this teacher: the ``--data`` source(s) if given
+    (one synthetic set is used in place; real images or several sources are mixed into
+    ``out_dir/../training-set``, see data/training_set.py), else synthesize one into ``out_dir``."""
     if data:
-        synth = SyntheticSet(data)
-        recorded = synth.manifest.get("teacher", {})
-        if list(recorded.get("input_shape", teacher.input_shape)) != list(teacher.input_shape) or \
-                recorded.get("num_classes", teacher.num_classes) != teacher.num_classes:
-            raise UserError(f"synthetic set {data} was made for a {recorded.get('input_shape')} / {recorded.get('num_classes')}-class "
-                            f"teacher, but this teacher takes {list(teacher.input_shape)} / {teacher.num_classes} classes")
-        if recorded.get("sha256") and recorded.get("sha256") != teacher.sha256:
-            log(f"note: synthetic set {data} was made from another teacher file (sha256 {recorded['sha256'][:12]}…)")
-        return Path(data)
+        return given_training_set(teacher, settings, runtime, data, out_dir.parent, rank, barrier)
     stats = load_stats(teacher, stats_path or settings.synthesize.stats)
     check_teacher_has_statistics(teacher, stats)
     if rank == 0:
@@ -65,6 +56,21 @@ def synthetic_set(teacher: Teacher, settings: Settings, runtime: Runtime, *, dat
             + (f" on {world_size} ranks" if world_size > 1 else ""))
     run_synthesis(teacher, settings, out_dir, runtime, stats, rank=rank, world_size=world_size, barrier=barrier)
     return out_dir
+
+
+def given_training_set(teacher: Teacher, settings: Settings, runtime: Runtime, data: str | list[str], out_root: Path,
+                       rank: int = 0, barrier=None) -> Path:
+    """The ``--data`` set(s) as one synthetic-format folder; with several ranks rank 0 builds it first."""
+    from .data.training_set import MIXED_DIR, training_set
+
+    target = out_root / MIXED_DIR
+    if rank == 0:
+        path = training_set(teacher, data, target, settings.seed, runtime)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        path = training_set(teacher, data, target, settings.seed, runtime)  # reuses rank 0's set (same key)
+    return path  # type: ignore[return-value]
 
 
 def run_synthesis(teacher: Teacher, settings: Settings, out_dir: Path, runtime: Runtime, stats, *, rank: int = 0,

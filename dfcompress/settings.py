@@ -102,6 +102,8 @@ class PruneSettings:
     target: str = _f("channels", "what --ratio measures", choices=["channels", "params", "macs"])
     global_pruning: bool = _f(False, "rank channels across layers instead of per layer")
     round_to: Optional[int] = _f(None, "keep channel counts a multiple of N (edge hardware)", min=1)
+    importance: str = _f("l1", "channel ranking: weight magnitude (l1, l2) or gradients on the training set (taylor, hessian)", choices=["l1", "l2", "taylor", "hessian"])
+    importance_images: int = _f(256, "training images whose gradients rank channels for taylor/hessian", min=1)
     epochs: int = _f(10, "KD fine-tuning epochs on the synthetic set after pruning", min=0)
     batch_size: int = _f(128, "fine-tuning batch size", min=1)
     lr: float = _f(0.01, "fine-tuning learning rate", min=0.0, min_exclusive=True)
@@ -114,6 +116,7 @@ class QuantizeSettings:
     calibration_images: int = _f(256, "synthetic images used to calibrate activation ranges", min=1)
     per_channel: bool = _f(True, "per-channel weight quantization")
     calibrate_method: str = _f("minmax", "activation range estimator", choices=["minmax", "entropy", "percentile"])
+    symmetric_activations: bool = _f(False, "symmetric activation ranges (zero point 0) instead of asymmetric min/max")
 
 
 @dataclass

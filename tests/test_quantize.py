@@ -75,3 +75,34 @@ def test_onnx_without_preprocessing_is_a_user_error(tmp_path, setup):
     m = quantize(tmp_path / "anon.onnx", synth, fast_settings(), tmp_path / "out2", reference=teacher)
     assert json.loads((tmp_path / "out2" / "dfcompress.json").read_text())["teacher_sha256"] == teacher.sha256
     assert m["holdout_agreement"] > 85.0
+
+
+def test_cli_calibrator_and_granularity_options(tmp_path):
+    """--calibrate-method / --per-tensor / --symmetric-activations reach onnxruntime and the report."""
+    import json as _json
+
+    import onnx
+    from onnx import numpy_helper
+    from typer.testing import CliRunner
+
+    from compress_helpers import digits_as_synthetic_set, digits_teacher
+    from dfcompress.cli import app
+
+    synth = digits_as_synthetic_set(tmp_path / "synth", digits_teacher(), n=64, shard_size=64)
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["quantize", "--data", str(synth), "--calibration-images", "32", "--calibrate-method",
+                                   "percentile", "--per-tensor", "--symmetric-activations", "-o", str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    q = \
+        _json.loads((out / "report.json").read_text())["metrics"]
+    assert q["calibrate_method"] == "percentile" and q["per_channel"] is False and q["symmetric_activations"] is True
+    graph = onnx.load(str(out / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    deq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    weight_scales = [inits[n.input[1]] for n in deq if n.input[0] in inits and inits[n.input[0]].ndim == 4]
+    assert weight_scales and all(s.size == 1 for s in weight_scales)  # one scale per conv weight tensor
+    act_zero_points = [inits[n.input[2]] for n in deq if n.input[0] not in inits and len(n.input) > 2]
+    assert act_zero_points and all(int(z) == 0 for z in act_zero_points)  # symmetric activations
+    bad = CliRunner().invoke(app, ["quantize", "--data", str(synth), "--calibrate-method", "kl", "-o", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

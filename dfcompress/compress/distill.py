@@ -47,6 +47,7 @@ def distill(teacher: Any, student_name: Optional[str], synth_dir: str | Path, se
     of the synthetic set, top-1 and agreement on ``eval_data`` (LabelledImages) when given, history.
     """
     from ..data.synthetic import SyntheticSet
+    from ..data.training_set import describe_sources
     from ..evaluate import agreement, module_logits, to_input, top1
     from ..models.introspect import count_macs, count_params
     from ..models.model_dir import save_model_dir
@@ -75,6 +76,7 @@ def distill(teacher: Any, student_name: Optional[str], synth_dir: str | Path, se
         "holdout_agreement": eval_fn(student)["holdout_agreement"] if hold_images is not None else None,
         "top1": None, "teacher_top1": None, "agreement": None,
     }
+    metrics["data_sources"] = describe_sources(dataset.manifest, synth_dir)
     metrics["compression"] = metrics["teacher_params"] / max(1, metrics["student_params"])
     if eval_data is not None and len(eval_data):
         s_logits = module_logits(student, eval_data.x, teacher, runtime)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import UserError
 from ..progress import log
 from ..models.zoo import customized_pruners
+from .importance import DATA_DRIVEN, Batches, importance_batches, make_importance
 from .prune_ops import SkipGuard, apply_guard
 
 SEARCH_TOLERANCE = 0.01  # the params/MACs target is met within 1 percentage point
@@ -45,20 +46,22 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 def prune_module(model: nn.Module, example: torch.Tensor, ratio: float, *, global_pruning: bool = False,
                  round_to: Optional[int] = None, ignored_layers: Optional[list[str]] = None,
-                 verbose: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+                 verbose: bool = True, importance: str = "l1",
+                 batches: Optional[Batches] = None) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned copy of ``model`` with ``ratio`` of the channels removed (per layer, or globally ranked).
 
     Option-A shortcuts get their own pruner; groups that torch-pruning would silently skip are pruned
     to the smallest legal width by the guard. When the pruned copy does not run (an imported graph with
     a channel-changing functional op torch-pruning cannot follow), the groups that break it are found
-    one by one and left unpruned. Returns (pruned, {guard, unchanged, skipped_groups, widths_*}).
+    one by one and left unpruned. ``importance`` ranks channels (importance.py; taylor/hessian take
+    gradients on ``batches``). Returns (pruned, {guard, unchanged, skipped_groups, widths_*}).
     """
     if not 0.0 < ratio < 1.0:
         raise UserError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
     model = model.eval()
     skipped: list[str] = list(ignored_layers or [])
     try:
-        pruned, info = _prune_once(copy.deepcopy(model), example, ratio, global_pruning, round_to, skipped)
+        pruned, info = _prune_once(copy.deepcopy(model), example, ratio, global_pruning, round_to, skipped, importance, batches)
     except _Broken as first:
         unsafe = find_unsafe_groups(model, example)
         if not unsafe:
@@ -67,7 +70,7 @@ def prune_module(model: nn.Module, example: torch.Tensor, ratio: float, *, globa
             log(f"prune: torch-pruning cannot follow {len(unsafe)} channel group(s) of this graph; leaving them unpruned: {', '.join(unsafe[:5])}")
         skipped += unsafe
         try:
-            pruned, info = _prune_once(copy.deepcopy(model), example, ratio, global_pruning, round_to, skipped)
+            pruned, info = _prune_once(copy.deepcopy(model), example, ratio, global_pruning, round_to, skipped, importance, batches)
         except _Broken as again:
             raise UserError(f"the pruned model no longer runs ({again}); prune another model or a smaller --ratio") from None
     info["skipped_groups"] = skipped
@@ -90,22 +93,24 @@ class _Broken(Exception):
 
 
 def _make_pruner(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
-                 round_to: Optional[int], ignored: list[nn.Module]) -> Any:
+                 round_to: Optional[int], ignored: list[nn.Module], importance: str = "l1",
+                 batches: Optional[Batches] = None) -> Any:
     return tp.pruner.MetaPruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+        model, example, importance=make_importance(importance, model, batches), pruning_ratio=ratio,
         global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored, customized_pruners=customized_pruners(),
     )
 
 
 def _prune_once(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
-                round_to: Optional[int], skipped: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+                round_to: Optional[int], skipped: list[str], importance: str = "l1",
+                batches: Optional[Batches] = None) -> tuple[nn.Module, dict[str, Any]]:
     ignored = [classifier_layer(model)] + [model.get_submodule(n) for n in skipped]
     names = {m: n for n, m in model.named_modules()}
     before = layer_widths(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tp's notes on unwrapped parameters it does not need here
-            pruner = _make_pruner(model, example, ratio, global_pruning, round_to, ignored)
+            pruner = _make_pruner(model, example, ratio, global_pruning, round_to, ignored, importance, batches)
             guard = SkipGuard(pruner).install()
             pruner.step()
             records = apply_guard(guard, names, round_to)
@@ -188,7 +193,8 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
 
 def search_ratio(model: nn.Module, example: torch.Tensor, measure: Callable[[nn.Module], float], target: float, *,
                  global_pruning: bool = False, round_to: Optional[int] = None,
-                 tol: float = SEARCH_TOLERANCE) -> tuple[float, float]:
+                 tol: float = SEARCH_TOLERANCE, importance: str = "l1",
+                 batches: Optional[Batches] = None) -> tuple[float, float]:
     """Bisection on the channel ratio (on deep copies) until ``1 - measure(pruned)/measure(model)`` is within ``tol`` of ``target``.
 
     Returns (channel ratio, fraction achieved). UserError when ``target`` is out of reach.
@@ -196,7 +202,8 @@ def search_ratio(model: nn.Module, example: torch.Tensor, measure: Callable[[nn.
     base = measure(model)
 
     def removed(r: float) -> float:
-        pruned, _ = prune_module(model, example, r, global_pruning=global_pruning, round_to=round_to, verbose=False)
+        pruned, _ = prune_module(model, example, r, global_pruning=global_pruning, round_to=round_to, verbose=False,
+                                 importance=importance, batches=batches)
         return 1.0 - measure(pruned) / base
 
     top = removed(MAX_CHANNEL_RATIO)
@@ -225,6 +232,7 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
           eval_data: Any = None, *, progress: Any = None) -> dict[str, Any]:
     """Prune ``teacher``, fine-tune it by KD on ``synth_dir``, write the model folder; returns metrics."""
     from ..data.synthetic import SyntheticSet
+    from ..data.training_set import describe_sources
     from ..evaluate import agreement, module_logits, to_input, top1
     from ..export import cpu_copy
     from ..models.introspect import count_macs, count_params
@@ -241,21 +249,29 @@ def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Pat
 
     model = cpu_copy(teacher.module)
     measures = {"params": lambda m: float(count_params(m)), "macs": lambda m: float(count_macs(m, shape))}
+    batches = None
+    if ps.importance in DATA_DRIVEN:
+        n = min(len(dataset), ps.importance_images)
+        batches = importance_batches(stack_images(dataset, limit=n), dataset.labels[:n], teacher)
+        log(f"prune: {ps.importance} importance from gradients on {n} training images")
     ratio, searched = ps.ratio, None
     if ps.target != "channels":
         ratio, achieved = search_ratio(model, example, measures[ps.target], ps.ratio,
-                                       global_pruning=ps.global_pruning, round_to=ps.round_to)
+                                       global_pruning=ps.global_pruning, round_to=ps.round_to,
+                                       importance=ps.importance, batches=batches)
         searched = {"target": ps.target, "asked": ps.ratio, "achieved": achieved, "channel_ratio": ratio}
         log(f"prune: channel ratio {ratio:.3f} removes {achieved:.1%} of {ps.target} (asked {ps.ratio:.0%})")
-    pruned, info = prune_module(model, example, ratio, global_pruning=ps.global_pruning, round_to=ps.round_to)
+    pruned, info = prune_module(model, example, ratio, global_pruning=ps.global_pruning, round_to=ps.round_to,
+                                importance=ps.importance, batches=batches)
 
     metrics: dict[str, Any] = {
-        "channel_ratio": ratio, "target": ps.target, "global_pruning": ps.global_pruning, "round_to": ps.round_to,
+        "channel_ratio": ratio, "importance": ps.importance, "target": ps.target, "global_pruning": ps.global_pruning, "round_to": ps.round_to,
         "search": searched, "guard": info["guard"], "unchanged_layers": info["unchanged"],
         "skipped_groups": info["skipped_groups"],
         "params_before": int(count_params(model)), "params_after": int(count_params(pruned)),
         "macs_before": int(count_macs(model, shape)), "macs_after": int(count_macs(pruned, shape)),
     }
+    metrics["data_sources"] = describe_sources(dataset.manifest, synth_dir)
     metrics["params_removed"] = 1.0 - metrics["params_after"] / metrics["params_before"]
     metrics["macs_removed"] = 1.0 - metrics["macs_after"] / metrics["macs_before"]
 

@@ -96,7 +96,7 @@ class SyntheticCalibrationReader:
             yield batch
 
 
-def _as_reader(reader: SyntheticCalibrationReader):
+def _as_reader(reader: Any):
     """Wrap in onnxruntime's abstract base class (imported lazily: onnxruntime is heavy)."""
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -131,6 +131,25 @@ def _calibration_method(name: str):
     return methods[name]
 
 
+def static_qdq(source: str | Path, target: str | Path, reader: Any, *, per_channel: bool = True,
+               calibrate_method: str = "minmax", symmetric_activations: bool = False,
+               activation_bits: int = 8) -> None:
+    """ORT static QDQ quantization (INT8 weights) of ``source`` into ``target``, calibrated by ``reader``
+    (anything with get_next/rewind). Activations are per-tensor (the only granularity ORT has for them),
+    INT8 unless ``activation_bits`` is 4 or 16 (for measuring calibration where INT8 is too easy)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    act = {8: QuantType.QInt8, 4: QuantType.QInt4, 16: QuantType.QInt16}.get(int(activation_bits))
+    if act is None:
+        raise UserError(f"activation bits must be 4, 8 or 16, got {activation_bits}")
+    quantize_static(
+        model_input=str(source), model_output=str(target), calibration_data_reader=_as_reader(reader),
+        quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8,
+        calibrate_method=_calibration_method(calibrate_method),
+        extra_options={"ActivationSymmetric": bool(symmetric_activations)},
+    )
+
+
 def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, out_dir: str | Path,
              eval_data: Any = None, reference: Any = None) -> dict[str, Any]:
     """INT8 (QDQ, static) ``out_dir/model.onnx`` + ``calib.npz`` + descriptor; returns before → after metrics.
@@ -139,9 +158,8 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
     preprocessing when the file carries none.
     """
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     from ..data.synthetic import SyntheticSet
+    from ..data.training_set import describe_sources
     from ..evaluate import agreement, onnx_logits, top1
     from ..export import META_KEY, model_metadata, onnx_session, set_onnx_metadata
     from ..models.model_dir import DESCRIPTOR, write_descriptor
@@ -167,11 +185,8 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
     with tempfile.TemporaryDirectory(prefix="dfcompress-quant-") as tmp:
         source = _preprocess(fp32_file, Path(tmp) / "pre.onnx")
         with atomic_path(out / MODEL_FILE) as target:
-            quantize_static(
-                model_input=str(source), model_output=str(target), calibration_data_reader=_as_reader(reader),
-                quant_format=QuantFormat.QDQ, per_channel=qs.per_channel, activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8, calibrate_method=_calibration_method(qs.calibrate_method),
-            )
+            static_qdq(source, target, reader, per_channel=qs.per_channel, calibrate_method=qs.calibrate_method,
+                       symmetric_activations=qs.symmetric_activations)
             proto = onnx.load(str(target))
             set_onnx_metadata(proto, META_KEY, json.dumps(model_metadata(like)))
             onnx.save(proto, str(target))
@@ -182,12 +197,13 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
     fp32_hold, int8_hold = onnx_logits(fp32_file, hold, like), onnx_logits(int8_file, hold, like)
     metrics: dict[str, Any] = {
         "format": "QDQ", "weights": "int8", "activations": "int8", "per_channel": qs.per_channel,
-        "calibrate_method": qs.calibrate_method, "calibration_images": len(calib_idx), "holdout_images": len(hold_idx),
+        "calibrate_method": qs.calibrate_method, "symmetric_activations": qs.symmetric_activations, "calibration_images": len(calib_idx), "holdout_images": len(hold_idx),
         "bytes_before": fp32_file.stat().st_size, "bytes_after": int8_file.stat().st_size,
         "holdout_agreement": agreement(int8_hold, fp32_hold),
         "holdout_max_abs_diff": float((int8_hold - fp32_hold).abs().max()),
         "top1_before": None, "top1_after": None, "agreement": None,
     }
+    metrics["data_sources"] = describe_sources(dataset.manifest, synth_dir)
     metrics["size_ratio"] = metrics["bytes_before"] / max(1, metrics["bytes_after"])
     if eval_data is not None and len(eval_data):
         before, after = onnx_logits(fp32_file, eval_data.x, like), onnx_logits(int8_file, eval_data.x, like)
@@ -195,7 +211,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
         metrics["eval_images"] = int(len(eval_data))
         if eval_data.y is not None:
             metrics["top1_before"], metrics["top1_after"] = top1(before, eval_data.y), top1(after, eval_data.y)
-    extra = {"quantization": {k: metrics[k] for k in ("format", "weights", "activations", "per_channel", "calibrate_method")},
+    extra = {"quantization": {k: metrics[k] for k in ("format", "weights", "activations", "per_channel", "calibrate_method", "symmetric_activations")},
              "source_model": str(fp32_file), "calibration": CALIB_FILE}
     if src_desc.get("arch"):
         extra["base_arch"] = src_desc["arch"]

@@ -33,11 +33,14 @@ class LabelledImages:
 
 
 def load_images(path: str | Path, input_shape: tuple[int, int, int], num_classes: Optional[int] = None,
-                limit: Optional[int] = None, per_class: Optional[int] = None, seed: int = 0) -> LabelledImages:
+                limit: Optional[int] = None, per_class: Optional[int] = None, seed: int = 0,
+                labels_optional: bool = False) -> LabelledImages:
     """Load images for a teacher taking ``input_shape`` (C, H, W).
 
     ``per_class`` keeps the first k images of each class (seed images); ``limit`` then keeps a random
     (``seed``) subset of that many, in original order. Selection happens before decoding.
+    ``labels_optional`` accepts an .npz without ``y`` (training sets label by the teacher's logits;
+    evaluation needs labels, so it stays strict by default).
     """
     c, h, w = (int(v) for v in input_shape)
     text = str(path)
@@ -49,7 +52,7 @@ def load_images(path: str | Path, input_shape: tuple[int, int, int], num_classes
     if p.is_dir():
         return _folder(p, (c, h, w), num_classes, limit, per_class, seed)
     if p.suffix.lower() == ".npz":
-        return _npz(p, (c, h, w), num_classes, limit, per_class, seed)
+        return _npz(p, (c, h, w), num_classes, limit, per_class, seed, labels_optional)
     raise UserError(f"cannot read images from {p}: use an ImageFolder directory (one sub-folder per class) or an .npz with x and y")
 
 
@@ -150,16 +153,16 @@ def _folder(root: Path, shape, num_classes, limit, per_class, seed) -> LabelledI
     return LabelledImages(torch.from_numpy(x), y, class_names, str(root))
 
 
-def _npz(path: Path, shape, num_classes, limit, per_class, seed) -> LabelledImages:
+def _npz(path: Path, shape, num_classes, limit, per_class, seed, labels_optional: bool = False) -> LabelledImages:
     c, h, w = shape
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path} as .npz: {exc}") from None
-    if "x" not in keys or "y" not in keys:
+    if "x" not in keys or ("y" not in keys and not labels_optional):
         raise UserError(f"{path} must hold arrays 'x' (uint8 images, NHWC or NHW) and 'y' (labels); found {sorted(keys)}")
-    x, y = data["x"], data["y"]
+    x, y = data["x"], (data["y"] if "y" in keys else None)
     if x.dtype != np.uint8:
         raise UserError(f"{path}: 'x' must be uint8 pixels 0..255, got {x.dtype}")
     if x.ndim == 3:
@@ -168,13 +171,16 @@ def _npz(path: Path, shape, num_classes, limit, per_class, seed) -> LabelledImag
         raise UserError(f"{path}: 'x' must be NHWC or NHW, got shape {x.shape}")
     if x.shape[-1] not in (1, 3, 4) and x.shape[1] in (1, 3):  # tolerate NCHW
         x = x.transpose(0, 2, 3, 1)
-    if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+    if y is not None and (y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer)):
         raise UserError(f"{path}: 'y' must be {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
     if x.shape[-1] != c:
         raise UserError(f"the teacher takes {c}-channel input but {path} holds {x.shape[-1]}-channel images")
-    y_all = torch.from_numpy(y.astype(np.int64))
-    _check_labels(y_all, num_classes, str(path))
-    keep = _select(y_all.tolist(), x.shape[0], limit, per_class, seed)
+    if x.shape[0] == 0:
+        raise UserError(f"{path} holds no images ('x' is empty)")
+    y_all = torch.from_numpy(y.astype(np.int64)) if y is not None else None
+    if y_all is not None:
+        _check_labels(y_all, num_classes, str(path))
+    keep = _select(y_all.tolist() if y_all is not None else None, x.shape[0], limit, per_class, seed)
     x = x[keep]
     if x.shape[1:3] != (h, w):
         from PIL import Image
@@ -184,7 +190,8 @@ def _npz(path: Path, shape, num_classes, limit, per_class, seed) -> LabelledImag
     for key in ("label_names", "class_names"):
         if key in keys:
             names = [str(s) for s in data[key].tolist()]
-    return LabelledImages(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), y_all[keep], names, str(path))
+    y_kept = y_all[keep] if y_all is not None else None
+    return LabelledImages(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), y_kept, names, str(path))
 
 
 def _digits(name: str, shape, num_classes, limit, per_class, seed) -> LabelledImages:
