@@ -32,6 +32,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'dfcompress' has no attribute {name!r}")
     import importlib
 
+    if name in ("export", "evaluate"):  # also submodules: the module itself forwards calls (_callable.py)
+        return importlib.import_module(f"dfcompress.{name}")
     return getattr(importlib.import_module(_HOMES.get(name, "dfcompress.api")), name)
 
 

@@ -171,9 +171,13 @@ def _embedded_with(teacher, mean: Optional[list[float]], std: Optional[list[floa
 # output for people and for machines
 
 
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def wants_json(flag: Optional[bool]) -> bool:
     """--json / --text decide; otherwise JSON exactly when stdout is not a terminal (a pipe, a file, CI)."""
-    return flag if flag is not None else not sys.stdout.isatty()
+    return flag if flag is not None else not stdout_is_terminal()
 
 
 def emit(document: Any, lines: list[str], json_flag: Optional[bool]) -> None:

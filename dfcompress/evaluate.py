@@ -207,3 +207,8 @@ def _latency_figures(model: Any, module: Optional[nn.Module], like: Any, setting
             log(f"eval: no latency figures, the model does not export to ONNX ({exc})")
             return {"latency": {"error": str(exc)}}
         return {"onnx_bytes": path.stat().st_size, "latency": onnx_latency(path, shape, runs)}
+
+
+from ._callable import make_callable  # noqa: E402 - must run once the module is complete
+
+make_callable(__name__, "evaluate")
