@@ -220,7 +220,7 @@ def synthesize(
 
     Re-running the same command after a crash skips the finished shards.
     """
-    from .data.synthetic import owned_by_synthesize
+    from .compress.stages import owned_by_synthesize
     from .distributed import distributed_context
     from .fileio import prepare_output_dir, remove_if_failed  # stale temp files: the runner's finalize() sweeps them
     from .pipeline import check_teacher_has_statistics, load_stats, run_synthesis, teacher_agreement_with_targets

@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .compress.stages import DISTILL, PRUNE, QUANTIZE, Stage
-from .data.synthetic import owned_by_synthesize
+from .compress.stages import DISTILL, PRUNE, QUANTIZE, Stage, owned_by_synthesize
 from .device import resolve_runtime
 from .fileio import REPORT_FILE, atomic_write_text, prepare_output_dir
 from .models.teacher import Teacher

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .compress.gate import check_max_drop, gate
-from .compress.stage import Stage, StageInput, StageResult, quality_drop  # noqa: F401 - quality_drop re-exported
+from .compress.stage import Stage, StageInput, StageResult
 from .device import Runtime
 from .errors import GateFailed, UserError
 from .models.teacher import Teacher

@@ -12,11 +12,24 @@ from ..fileio import report_command
 from .stage import Figures, Stage, StageInput, holdout_or_real_agreement
 
 
+def owned_by_synthesize(folder: str | Path) -> bool:
+    """A (partial) synthetic set folder, which re-running ``synthesize`` resumes: its run record or manifest."""
+    from ..data.synthetic import FORMAT, MANIFEST
+    from ..fileio import json_format
+    from ..inversion.runner import RUN_FILE, RUN_FORMAT
+
+    def family(fmt: str) -> str:  # "dfcompress-synthetic/1" -> "dfcompress-synthetic/": any version is ours
+        return fmt.split("/")[0] + "/"
+
+    d = Path(folder)
+    return report_command(d) == "synthesize" or json_format(d / RUN_FILE).startswith(family(RUN_FORMAT)) or \
+        json_format(d / MANIFEST).startswith(family(FORMAT))
+
+
 def _owned_by_kd_stage(name: str) -> Callable[[Path], bool]:
     """distill/prune folders: their report or descriptor names them; a partial one holds their KD
     checkpoint or their own ``synthetic/`` sub-folder."""
     def owns(folder: Path) -> bool:
-        from ..data.synthetic import owned_by_synthesize
         from ..models.model_dir import created_by
         from .kd import CHECKPOINT
 

@@ -184,19 +184,6 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def owned_by_synthesize(folder: str | Path) -> bool:
-    """A (partial) synthetic set folder, which re-running ``synthesize`` resumes: its run record or manifest."""
-    from ..fileio import json_format, report_command
-    from ..inversion.runner import RUN_FILE, RUN_FORMAT
-
-    def family(fmt: str) -> str:  # "dfcompress-synthetic/1" -> "dfcompress-synthetic/": any version is ours
-        return fmt.split("/")[0] + "/"
-
-    d = Path(folder)
-    return report_command(d) == "synthesize" or json_format(d / RUN_FILE).startswith(family(RUN_FORMAT)) or \
-        json_format(d / MANIFEST).startswith(family(FORMAT))
-
-
 class SyntheticSet(Dataset):
     """Streaming map-style Dataset over a synthetic set: ``(image float32 [0,1] CxHxW, label int64, logits float32 [K])``.
 
