@@ -13,11 +13,13 @@ from typing_extensions import Annotated
 
 from . import __version__
 from .cli_common import (AllowPickleOpt, ArchOpt, DeviceOpt, DryRunOpt, InputSizeOpt, JsonOpt, MaxDropOpt, MeanOpt,
-                         ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, Timer, command,
-                         default_output, emit_json, load_model, owned_by, resolve)
-from .errors import GateFailed, UserError
-from .pipeline import before_after
-from .progress import log
+                         ModelArg, OverwriteOpt, ProfileOpt, ReportOpt, SaveConfigOpt, SeedOpt, StdOpt, command, emit, fmt,
+                         load_model, resolve, stage_summary)
+from .errors import UserError
+from .fileio import default_output
+from .progress import Timer, log
+from .report import finish_report
+from .settings import Settings
 
 app = typer.Typer(
     name="dfcompress",
@@ -77,38 +79,6 @@ def _common_overrides(seed: Optional[int], device: Optional[str]) -> dict:
     return {"seed": seed, "device": device}
 
 
-def _finish(command_name: str, out_dir: Optional[Path], report_path: Optional[Path], *, inputs: dict, settings, metrics: dict,
-            timer: Timer, outputs: Optional[dict] = None, status: str = "ok") -> dict:
-    from .report import build_report, write_report
-
-    timer.timings["total"] = timer.total()
-    report = build_report(command_name, inputs=inputs, settings=settings, metrics=metrics, timings=timer.timings,
-                          outputs=outputs, status=status)
-    write_report(report, out_dir / "report.json" if out_dir else None, report_path)
-    return report
-
-
-def _check_max_drop(max_drop: Optional[float]) -> None:
-    """Refuse a meaningless gate before any work starts (the gate itself runs only at the end)."""
-    import math
-
-    if max_drop is not None and (math.isnan(max_drop) or max_drop < 0):
-        raise UserError(f"--max-drop must be a non-negative number of percentage points (e.g. --max-drop 2), got {max_drop}")
-
-
-def _gate(max_drop: Optional[float], before: dict, after: dict) -> None:
-    from .compress.gate import check_drop
-    from .pipeline import quality_drop
-
-    if max_drop is None:
-        return
-    drop = quality_drop(before, after)
-    if drop is None:
-        raise UserError("--max-drop needs an accuracy or agreement figure, and none was measured")
-    what, b, a = drop
-    check_drop(b, a, max_drop, what)
-
-
 # ---------------------------------------------------------------------------------------------
 # inspect / profiles
 
@@ -117,7 +87,7 @@ def _gate(max_drop: Optional[float], before: dict, after: dict) -> None:
 @command
 def inspect(
     model: ModelArg = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
-    std: StdOpt = None, input_shape: InputSizeOpt = None, json_out: JsonOpt = False, report: ReportOpt = None,
+    std: StdOpt = None, input_shape: InputSizeOpt = None, json_out: JsonOpt = None, report: ReportOpt = None,
     list_archs: Annotated[bool, typer.Option("--list-archs", help="List the model zoo's architectures and exit.")] = False,
 ) -> None:
     """Show what was loaded: format, input shape, classes, BN layers or 'BN folded', stages, params, MACs."""
@@ -125,11 +95,8 @@ def inspect(
         from .models.zoo import list_models, model_defaults
 
         rows = {name: model_defaults(name) for name in list_models()}
-        if json_out:
-            emit_json(rows)
-        else:
-            for name, d in rows.items():
-                typer.echo(f"{name:18s} input {d.get('input_size')}px  classes {d.get('num_classes')}")
+        emit(rows, [f"{name:18s} input {d.get('input_size')}px  classes {d.get('num_classes')}" for name, d in rows.items()],
+             json_out)
         return
     from .models.introspect import inspect_teacher
 
@@ -137,42 +104,43 @@ def inspect(
     teacher = load_model(model, arch, allow_pickle, mean, std, input_shape)
     info = inspect_teacher(teacher)
     if report:
-        _finish("inspect", None, report, inputs={"model": model}, settings=None, metrics=info, timer=timer)
-    if json_out:
-        emit_json(info)
-        return
+        finish_report("inspect", None, report, inputs={"model": model}, settings=None, metrics=info, timer=timer)
+    emit(info, _inspect_lines(info), json_out)
+
+
+def _inspect_lines(info: dict) -> list[str]:
     c, h, w = info["input_shape"]
-    typer.echo(f"model      {info['source']}  ({info['format']}{', arch ' + info['arch'] if info.get('arch') else ''})")
-    typer.echo(f"input      {c}x{h}x{w}   mean {list(info['mean'])}  std {list(info['std'])}")
-    typer.echo(f"           size: {info['input_shape_from']}")
-    typer.echo(f"classes    {info['num_classes']}")
-    for note in info["output_head"]:
-        typer.echo(f"output     {note}")
-    typer.echo(f"batchnorm  {info['batchnorm']}" + ("" if info["batchnorm_layers"] else "; for inversion run `dfcompress stats MODEL --seeds DIR` first"))
-    typer.echo(f"params     {info['params']:,}")
-    typer.echo(f"MACs       {info['macs']:,}")
-    typer.echo("stages     " + (", ".join(f"{s['channels']}ch@{s['height']}x{s['width']} (/{s['reduction']}, {s['name']})"
-                                      for s in info["stages"]) or "none (no spatial feature maps)"))
+    lines = [f"model      {info['source']}  ({info['format']}{', arch ' + info['arch'] if info.get('arch') else ''})",
+             f"input      {c}x{h}x{w}   mean {list(info['mean'])}  std {list(info['std'])}",
+             f"           size: {info['input_shape_from']}",
+             f"classes    {info['num_classes']}"]
+    lines += [f"output     {note}" for note in info["output_head"]]
+    lines.append(f"batchnorm  {info['batchnorm']}" + ("" if info["batchnorm_layers"] else "; for inversion run `dfcompress stats MODEL --seeds DIR` first"))
+    lines += [f"params     {info['params']:,}", f"MACs       {info['macs']:,}"]
+    lines.append("stages     " + (", ".join(f"{s['channels']}ch@{s['height']}x{s['width']} (/{s['reduction']}, {s['name']})"
+                                          for s in info["stages"]) or "none (no spatial feature maps)"))
     if info["token_stages"]:
         t = info["token_stages"]
-        typer.echo(f"tokens     {len(t)} token stages, {t[0]['tokens']} tokens x {t[0]['channels']}ch: " + ", ".join(s["name"] for s in t))
-    typer.echo(f"statistics {info['stat_layers']} layers" + ("" if info["bn_folded"] else " (BatchNorm inputs)"))
+        lines.append(f"tokens     {len(t)} token stages, {t[0]['tokens']} tokens x {t[0]['channels']}ch: " + ", ".join(s["name"] for s in t))
+    lines.append(f"statistics {info['stat_layers']} layers" + ("" if info["bn_folded"] else " (BatchNorm inputs)"))
     if not info["pyramid"]:
-        typer.echo("pyramid    none: NaturalInversion runs without its Feature Transfer Pyramid (no spatial stages)")
+        lines.append("pyramid    none: NaturalInversion runs without its Feature Transfer Pyramid (no spatial stages)")
+    return lines
 
 
 @app.command()
 @command
-def profiles(name: Annotated[Optional[str], typer.Argument(help="Profile to show; omitted = list them.")] = None) -> None:
-    """List the shipped profiles, or show one fully resolved."""
-    from .settings import describe_profile, list_profiles, read_profile
+def profiles(name: Annotated[Optional[str], typer.Argument(help="Profile to show; omitted = list them.")] = None,
+             json_out: JsonOpt = None) -> None:
+    """List the shipped profiles (top-level profiles/ in the repository), or show one fully resolved (YAML)."""
+    from .settings import describe_profile, list_profiles, profile_path, read_profile
 
     if name is None:
-        for p in list_profiles():
-            desc = str(read_profile(p).get("description", "")).strip().split("\n")[0]
-            typer.echo(f"{p:10s} {desc[:100]}")
+        rows = [{"name": p, "path": str(profile_path(p)),
+                 "description": str(read_profile(p).get("description", "")).strip().split("\n")[0]} for p in list_profiles()]
+        emit(rows, [f"{r['name']:10s} {r['description'][:100]}" for r in rows], json_out)
         return
-    typer.echo(describe_profile(name).rstrip())
+    typer.echo(describe_profile(name).rstrip())  # YAML: readable by people and machines alike
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +160,7 @@ def stats(
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """Recover BatchNorm statistics, or collect (class-conditional) feature statistics from real images."""
     if data and seeds:
@@ -227,10 +196,10 @@ def stats(
     result.save(output)
     metrics = {"layers": len(result.layers), "per_class": result.per_class, "kind": result.kind,
                "counts": [int(c) for c in result.counts.tolist()]}
-    log(f"wrote {output}: {metrics['layers']} layers, {'per-class' if result.per_class else 'global'} ({result.kind})")
-    _finish("stats", None, report, inputs={"model": model, "data": source}, settings=settings, metrics=metrics,
-            timer=timer, outputs={"stats": str(output)})
-    emit_json({"stats": str(output), **metrics})
+    finish_report("stats", None, report, inputs={"model": model, "data": source}, settings=settings, metrics=metrics,
+                  timer=timer, outputs={"stats": str(output)})
+    emit({"stats": str(output), **metrics},
+         [f"wrote {output}: {metrics['layers']} layers, {'per-class' if result.per_class else 'global'} ({result.kind})"], json_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,11 +214,13 @@ def synthesize(
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """Synthesize a calibration/distillation set by model inversion (sharded, resumable).
 
     Re-running the same command after a crash skips the finished shards.
     """
+    from .compress.stages import owned_by_synthesize
     from .distributed import distributed_context
     from .fileio import prepare_output_dir, remove_if_failed  # stale temp files: the runner's finalize() sweeps them
     from .pipeline import check_teacher_has_statistics, load_stats, run_synthesis, teacher_agreement_with_targets
@@ -263,7 +234,7 @@ def synthesize(
         out = dist.broadcast(output or default_output("synth"))  # one folder for all ranks (the default holds the time)
         with remove_if_failed(out, enabled=dist.is_main):
             if dist.is_main:  # once, before any rank writes; a torchrun restart resumes rather than re-applying --overwrite
-                prepare_output_dir(out, overwrite=overwrite and not dist.restarted, resumable=owned_by("synthesize"))
+                prepare_output_dir(out, overwrite=overwrite and not dist.restarted, resumable=owned_by_synthesize)
             dist.barrier()
             runtime = dist.runtime(settings)
             with timer.section("load"):
@@ -278,10 +249,13 @@ def synthesize(
         metrics = {"num_images": manifest["num_images"], "counts_per_class": manifest["counts_per_class"],
                    "retries": sum(int(s.get("retries", 0)) for s in manifest["shards"]),
                    "teacher_agreement_with_targets": round(teacher_agreement_with_targets(out), 2)}
-        _finish("synthesize", out, report, inputs={"model": model, "stats": settings.synthesize.stats}, settings=settings,
-                metrics=metrics, timer=timer, outputs={"synthetic_set": str(out), "preview": str(out / "preview.png")})
-        log(f"synthetic set ready: {out} ({manifest['num_images']} images, preview {out / 'preview.png'})")
-        emit_json({"synthetic_set": str(out), **metrics})
+        finish_report("synthesize", out, report, inputs={"model": model, "stats": settings.synthesize.stats},
+                      settings=settings, metrics=metrics, timer=timer,
+                      outputs={"synthetic_set": str(out), "preview": str(out / "preview.png")})
+        emit({"synthetic_set": str(out), **metrics},
+             [f"synthetic set ready: {out} ({manifest['num_images']} images, preview {out / 'preview.png'})",
+              f"  teacher agrees with the target class on {metrics['teacher_agreement_with_targets']:.1f}% of them"
+              + (f"; {metrics['retries']} batch(es) retried" if metrics["retries"] else "")], json_out)
 
 
 def _check_batch(batch_size: int, num_images: int) -> None:
@@ -303,10 +277,9 @@ def distill(
     stats_file: StatsOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
     std: StdOpt = None, input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = None, report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: OverwriteOpt = False, json_out: JsonOpt = None,
 ) -> None:
     """Knowledge-distil the teacher into a zoo student on a synthetic set (re-running resumes)."""
-    from .compress.distill import distill as run_distill
     from .models.zoo import resolve_model_name
 
     settings = resolve(profile, {**_common_overrides(seed, device), "distill.student": student, "distill.epochs": epochs,
@@ -315,9 +288,8 @@ def distill(
     resolve_model_name(settings.distill.student)  # fail fast on a typo, before any long work
     if not data:
         _check_batch(settings.synthesize.batch_size, settings.synthesize.num_images)
-    _compress_command("distill", model, data, output, eval_data, max_drop, settings, report, overwrite,
-                      (arch, allow_pickle, mean, std, input_shape),
-                      lambda teacher, synth, out, runtime, real: run_distill(teacher, settings.distill.student, synth, settings, out, runtime, real))
+    _run_stage("distill", model, (arch, allow_pickle, mean, std, input_shape), settings, data=data, output=output,
+               eval_data=eval_data, max_drop=max_drop, report=report, overwrite=overwrite, json_out=json_out)
 
 
 @app.command()
@@ -334,10 +306,9 @@ def prune(
     stats_file: StatsOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
     std: StdOpt = None, input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = None, report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: OverwriteOpt = False, json_out: JsonOpt = None,
 ) -> None:
     """L1-norm structured channel pruning (torch-pruning), then KD fine-tuning on the synthetic set."""
-    from .compress.prune import prune as run_prune
 
     settings = resolve(profile, {**_common_overrides(seed, device), "prune.ratio": ratio, "prune.target": target,
                                  "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.epochs": epochs,
@@ -346,68 +317,20 @@ def prune(
                                  "synthesize.iterations": iterations, "synthesize.stats": stats_file}, dry_run, save_config)
     if not data:
         _check_batch(settings.synthesize.batch_size, settings.synthesize.num_images)
-    _compress_command("prune", model, data, output, eval_data, max_drop, settings, report, overwrite,
-                      (arch, allow_pickle, mean, std, input_shape),
-                      lambda teacher, synth, out, runtime, real: run_prune(teacher, synth, settings, out, runtime, real))
+    _run_stage("prune", model, (arch, allow_pickle, mean, std, input_shape), settings, data=data, output=output,
+               eval_data=eval_data, max_drop=max_drop, report=report, overwrite=overwrite, json_out=json_out)
 
 
-def _compress_command(name: str, model, data, output, eval_data, max_drop, settings, report, overwrite, load_args, run) -> None:
-    """Shared body of distill/prune: load, get a synthetic set, run, gate, report (rank 0 only)."""
-    from .distributed import distributed_context
-    from .fileio import prepare_output_dir, remove_if_failed, remove_stale_temps
-    from .pipeline import real_eval_data, synthetic_set
+def _run_stage(name: str, model: Optional[str], load_args: tuple, settings: Settings, *, data: Optional[str],
+               output: Optional[Path], eval_data: Optional[str], max_drop: Optional[float], report: Optional[Path],
+               overwrite: bool, json_out: Optional[bool]) -> None:
+    """distill/prune/quantize: flags -> settings -> the orchestrator; the summary follows the output rules."""
+    from .compress.stages import STAGES
+    from .pipeline import StageRequest, run_stage
 
-    _check_max_drop(max_drop)
-    timer = Timer()
-    with distributed_context(settings.device) as dist:
-        out = dist.broadcast(output or default_output(name))  # one folder for all ranks (the default holds the time)
-        with remove_if_failed(out, enabled=dist.is_main):
-            if dist.is_main:  # once, before any rank writes; a torchrun restart resumes rather than re-applying --overwrite
-                prepare_output_dir(out, overwrite=overwrite and not dist.restarted, resumable=owned_by(name))
-            dist.barrier()
-            runtime = dist.runtime(settings)
-            with timer.section("load"):
-                teacher = load_model(model, *load_args, settings=settings)
-                real = real_eval_data(teacher, eval_data)
-            with timer.section("synthesize"):
-                synth = synthetic_set(teacher, settings, runtime, data=data, out_dir=out / "synthetic",
-                                      stats_path=settings.synthesize.stats, rank=dist.rank, world_size=dist.world_size,
-                                      barrier=dist.barrier)
-            with timer.section(name):
-                metrics = run(teacher, synth, out, runtime, real)
-        if not dist.is_main:
-            return
-        remove_stale_temps(out)
-        before, after = before_after(name, metrics)
-        status = "ok"
-        try:
-            _gate(max_drop, before, after)
-        except GateFailed:
-            status = "gate-failed"
-            raise
-        finally:
-            _finish(name, out, report, inputs={"model": model, "data": str(synth), "eval_data": eval_data or (real.source if real else None)},
-                    settings=settings, metrics={"before": before, "after": after, **metrics}, timer=timer,
-                    outputs={"model_dir": str(out)}, status=status)
-            _print_summary(name, out, before, after)
-
-
-def _print_summary(name: str, out: Path, before: dict, after: dict) -> None:
-    keys = [k for k in ("top1", "agreement", "params", "macs", "bytes") if before.get(k) is not None or after.get(k) is not None]
-    log(f"{name}: result in {out}")
-    for k in keys:
-        log(f"  {k:10s} {_fmt(before.get(k))} -> {_fmt(after.get(k))}")
-    emit_json({"output": str(out), "before": before, "after": after})
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+    req = StageRequest(settings, lambda s: load_model(model, *load_args, settings=s), model=model, data=data,
+                       eval_data=eval_data, output=output, max_drop=max_drop, overwrite=overwrite, report=report)
+    run_stage(STAGES[name], req, summary=lambda r: emit(r.summary(), stage_summary(r), json_out))
 
 
 @app.command()
@@ -422,66 +345,15 @@ def quantize(
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """INT8 post-training quantization with onnxruntime (static, QDQ, per-channel), calibrated on synthetic images."""
-    from .compress.quantize import quantize as run_quantize
-    from .export import export_model
-    from .fileio import prepare_output_dir, remove_if_failed
-    from .pipeline import real_eval_data, synthetic_set
-
     settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
                                  "quantize.calibration_images": calibration_images, "quantize.calibrate_method": calibrate_method,
                                  "quantize.per_channel": per_channel, "quantize.symmetric_activations": symmetric_activations},
                 dry_run, save_config)
-    _check_max_drop(max_drop)
-    timer = Timer()
-    out = output or default_output("quantize")
-    with remove_if_failed(out, resumable=False):
-        prepare_output_dir(out, overwrite=overwrite, resumable=False)
-        runtime = _runtime(settings)
-        with timer.section("load"):
-            teacher = load_model(model, arch, allow_pickle, mean, std, input_shape, settings)
-            real = real_eval_data(teacher, eval_data)
-        with timer.section("synthesize"):
-            synth = synthetic_set(teacher, settings, runtime, data=data, out_dir=out / "synthetic")
-        onnx_source = _onnx_of(model)
-        if onnx_source is None:
-            import torch
-
-            with timer.section("export"):
-                onnx_source = out / "fp32.onnx"
-                check = teacher.normalize(torch.rand((8, *teacher.input_shape), generator=torch.Generator().manual_seed(0)))
-                export_model(teacher.module, teacher, "onnx", onnx_source, check, opset=settings.export.opset)
-        with timer.section("quantize"):
-            metrics = run_quantize(onnx_source, synth, settings, out, eval_data=real, reference=teacher)
-    before, after = before_after("quantize", metrics)
-    status = "ok"
-    try:
-        _gate(max_drop, before, after)
-    except GateFailed:
-        status = "gate-failed"
-        raise
-    finally:
-        _finish("quantize", out, report, inputs={"model": model, "data": str(synth)}, settings=settings,
-                metrics={"before": before, "after": after, **metrics},
-                timer=timer, outputs={"model_dir": str(out)}, status=status)
-        _print_summary("quantize", out, before, after)
-
-
-def _onnx_of(model: Optional[str]) -> Optional[Path]:
-    """An ONNX file to quantize directly: the MODEL itself, or the one in a dfcompress model folder."""
-    if model is None:
-        return None
-    p = Path(model)
-    if p.is_file() and p.suffix.lower() == ".onnx":
-        return p
-    if p.is_dir() and (p / "dfcompress.json").is_file():
-        from .models.model_dir import read_model_dir
-
-        files = read_model_dir(p).get("files", {})
-        if files.get("onnx") and (p / files["onnx"]).is_file():
-            return p / files["onnx"]
-    return None
+    _run_stage("quantize", model, (arch, allow_pickle, mean, std, input_shape), settings, data=data, output=output,
+               eval_data=eval_data, max_drop=max_drop, report=report, overwrite=overwrite, json_out=json_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +372,7 @@ def export(
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N]: where onnxruntime checks parity (the file is traced on the CPU, so it runs anywhere).")] = None,
     report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """Export to ONNX (checked against onnxruntime), TorchScript or torch.export .pt2 (checked likewise)."""
     import torch
@@ -529,10 +402,10 @@ def export(
     with timer.section("export"):
         result = export_model(teacher.module, teacher, settings.export.format, output, check, opset=settings.export.opset,
                               atol=settings.export.parity_atol, prefer_cuda=runtime.is_cuda)
-    _finish("export", None, report, inputs={"model": model}, settings=settings, metrics=result, timer=timer,
-            outputs={"file": str(output)})
-    log(f"exported {output} ({result.get('bytes', 0):,} bytes); max |Δlogit| {result.get('max_abs_diff')}, top-1 agreement {result.get('top1_agreement')}")
-    emit_json(result)
+    finish_report("export", None, report, inputs={"model": model}, settings=settings, metrics=result, timer=timer,
+                  outputs={"file": str(output)})
+    emit(result, [f"exported {output} ({result.get('bytes', 0):,} bytes); max |Δlogit| {result.get('max_abs_diff')}, "
+                  f"top-1 agreement {result.get('top1_agreement')}"], json_out)
 
 
 @app.command("eval")
@@ -545,11 +418,12 @@ def eval_(
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the onnxruntime latency measurement.")] = False,
     arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
     input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
-    report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None,
+    report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, json_out: JsonOpt = None,
 ) -> None:
     """Top-1 on real data, agreement with a teacher, params, MACs, file size and onnxruntime latency."""
     from .evaluate import evaluate
     from .models.loading import load_teacher
+    from .models.model_dir import is_quantized_onnx, onnx_file_of
     from .pipeline import real_eval_data
 
     settings = resolve(profile, _common_overrides(seed, device), dry_run, save_config)
@@ -567,22 +441,21 @@ def eval_(
     real = real_eval_data(teacher, data, limit=limit)
     if real is None and reference is not None:
         real = real_eval_data(reference, None, limit=limit)
-    onnx_path = _onnx_of(model)
-    with timer.section("eval"):
-        metrics = evaluate(onnx_path if _is_quantized(onnx_path) else teacher, real, reference, settings,
-                           onnx_path=onnx_path, runtime=runtime, latency=not no_latency)
-    _finish("eval", None, report, inputs={"model": model, "data": real.source if real else None, "against": against},
-            settings=settings, metrics=metrics, timer=timer)
-    emit_json(metrics)
+    onnx_path = onnx_file_of(model)
+    with timer.section("eval"):  # a quantized graph runs in onnxruntime, with MODEL's recorded (or given) preprocessing
+        metrics = evaluate(onnx_path if is_quantized_onnx(onnx_path) else teacher, real, reference, settings,
+                           onnx_path=onnx_path, runtime=runtime, latency=not no_latency, preprocessing=teacher)
+    finish_report("eval", None, report, inputs={"model": model, "data": real.source if real else None, "against": against},
+                  settings=settings, metrics=metrics, timer=timer)
+    emit(metrics, _eval_lines(model, metrics), json_out)
 
 
-def _is_quantized(onnx_path: Optional[Path]) -> bool:
-    if onnx_path is None:
-        return False
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in graph.node)
+def _eval_lines(model: Optional[str], m: dict) -> list[str]:
+    b1 = ((m.get("latency") or {}).get("batch_1") or {}).get("p50_ms")
+    return [f"{model or 'embedded teacher'}: top-1 {fmt(m.get('top1'))} %, agreement {fmt(m.get('agreement'))} % "
+            f"on {m.get('num_images', 0)} images",
+            f"  params {fmt(m.get('params'))}  MACs {fmt(m.get('macs'))}  bytes {fmt(m.get('onnx_bytes') or m.get('model_bytes'))}"
+            f"  latency b1 p50 {fmt(b1)} ms"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +468,7 @@ def demo(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for every artefact (default: runs/demo-<time>).")] = None,
     profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, report: ReportOpt = None,
     dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """The whole pipeline on the embedded digits teacher: synthesize -> distill -> prune -> quantize -> export -> evaluate on real held-out digits."""
     from .demo import run_demo
@@ -604,7 +478,7 @@ def demo(
     out = output or default_output("demo")
     with remove_if_failed(out):
         result = run_demo(settings, out, overwrite=overwrite)
-    typer.echo(result["table"])
+    emit({"output": str(out), "rows": result["rows"]}, result["table"].splitlines(), json_out)
     if report:
         from .fileio import atomic_write_json
 

@@ -5,12 +5,10 @@ so exit codes, ``--dry-run``/``--save-config``/``--report`` and error messages b
 """
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import math
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,7 +17,6 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import DFCompressError, UserError
-from .fileio import read_json_or_none
 from .settings import Settings, resolve_settings
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +36,7 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved s
 SaveConfigOpt = Annotated[Optional[Path], typer.Option("--save-config", help="Write the resolved settings as a YAML profile.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
 MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Exit 3 when accuracy (or teacher agreement without real data) falls by more than this many points.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Emit machine-readable JSON on stdout.")]
+JsonOpt = Annotated[Optional[bool], typer.Option("--json/--text", help="--json: the JSON document on stdout; --text: the short summary. Default: the summary on a terminal, the JSON when stdout is a pipe or a file.", show_default=False)]
 
 
 def debug_enabled() -> bool:
@@ -138,12 +135,6 @@ def resolve(profile: Optional[str], overrides: dict[str, Any], dry_run: bool, sa
     return settings
 
 
-def default_output(kind: str) -> Path:
-    """``runs/<kind>-<timestamp>``: commands run as typed without -o and never clobber earlier runs."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{kind}-{stamp}"
-
-
 def load_model(model: Optional[str], arch: Optional[str], allow_pickle: bool, mean: Optional[str], std: Optional[str],
                input_shape: Optional[str], settings: Optional[Settings] = None):
     """Load a teacher with preprocessing from flags > profile > file metadata."""
@@ -177,70 +168,50 @@ def _embedded_with(teacher, mean: Optional[list[float]], std: Optional[list[floa
 
 
 # ---------------------------------------------------------------------------------------------
-# which output folders a resumable command may re-enter
+# output for people and for machines
 
 
-def _format_of(path: Path) -> str:
-    obj = read_json_or_none(path)
-    return str(obj.get("format", "")) if isinstance(obj, dict) else ""
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
-def _report_command(folder: Path) -> Optional[str]:
-    obj = read_json_or_none(folder / "report.json")
-    return obj.get("command") if isinstance(obj, dict) else None
+def wants_json(flag: Optional[bool]) -> bool:
+    """--json / --text decide; otherwise JSON exactly when stdout is not a terminal (a pipe, a file, CI)."""
+    return flag if flag is not None else not stdout_is_terminal()
 
 
-def owned_by(command_name: str) -> Callable[[Path], bool]:
-    """A predicate recognising a (partial) output folder of ``command_name``, which re-running resumes.
+def emit(document: Any, lines: list[str], json_flag: Optional[bool]) -> None:
+    """Every command's last word: the short summary ``lines`` on stdout for a person at a terminal, or the
+    JSON ``document`` on stdout for a machine, with the summary then on stderr (as progress lines are)."""
+    if wants_json(json_flag):
+        from .progress import log
 
-    synthesize: its ``run.json`` or ``manifest.json``; distill/prune: their KD checkpoint, their
-    ``dfcompress.json`` or their own ``synthetic/`` sub-folder; demo: any of its stage sub-folders.
-    Anything else in a non-empty folder is refused unless --overwrite.
-    """
-    def owned(folder: Path) -> bool:
-        folder = Path(folder)
-        if _report_command(folder) == command_name:
-            return True
-        if command_name == "synthesize":
-            return _format_of(folder / "run.json").startswith("dfcompress-synthesize-run/") or \
-                _format_of(folder / "manifest.json").startswith("dfcompress-synthetic/")
-        if command_name in ("distill", "prune"):
-            desc = read_json_or_none(folder / "dfcompress.json")
-            made_by = {_report_command(folder), desc.get("created_by") if isinstance(desc, dict) else None} - {None}
-            if made_by:  # a finished (or gate-failed) run says which command wrote it
-                return made_by == {command_name}
-            return (folder / "checkpoint" / "kd-checkpoint.pt").is_file() or owned_by("synthesize")(folder / "synthetic")
-        if command_name == "demo":
-            return (folder / "summary.txt").is_file() or owned_by("synthesize")(folder / "synthetic") or \
-                owned_by("distill")(folder / "student") or owned_by("prune")(folder / "pruned")
-        return False
-
-    return owned
+        for line in lines:
+            log(line)
+        emit_json(document)
+    else:
+        typer.echo("\n".join(lines))
 
 
-class Timer:
-    """Named wall-clock sections for the report's ``timings_s``."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    def section(self, name: str) -> "_Section":
-        return _Section(self, name)
-
-    def total(self) -> float:
-        return time.perf_counter() - self._start
+def fmt(value: Any) -> str:
+    """A figure for people: thousands separators, two decimals, '-' when not measured."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
-class _Section:
-    def __init__(self, timer: Timer, name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.timer.timings[self.name] = self.timer.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+def stage_summary(result: Any) -> list[str]:
+    """The before -> after lines of a StageResult (measured figures only)."""
+    before, after = result.before.to_dict(), result.after.to_dict()
+    lines = [f"{result.stage}: result in {result.output}"]
+    for key in before:
+        if before[key] is not None or after[key] is not None:
+            lines.append(f"  {key:10s} {fmt(before[key])} -> {fmt(after[key])}")
+    return lines
 
 
 def emit_json(obj: Any) -> None:

@@ -9,11 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cli_common import Timer, owned_by
+from .compress.stages import DISTILL, PRUNE, QUANTIZE, Stage, owned_by_synthesize
 from .device import resolve_runtime
-from .fileio import atomic_write_text, prepare_output_dir
-from .progress import log
+from .fileio import REPORT_FILE, atomic_write_text, prepare_output_dir
+from .models.teacher import Teacher
+from .pipeline import StageRequest, run_stage
+from .progress import Timer, log
 from .settings import Settings
+
+SUMMARY_FILE = "summary.txt"
+FOLDERS = {"synthetic": "synthetic", "distill": "student", "prune": "pruned", "quantize": "int8"}
+
+
+def owned_by_demo(folder: Path) -> bool:
+    """A (partial) demo folder, which re-running resumes: its summary or any of its stage sub-folders."""
+    folder = Path(folder)
+    return (folder / SUMMARY_FILE).is_file() or owned_by_synthesize(folder / FOLDERS["synthetic"]) or \
+        any(stage.owns(folder / FOLDERS[stage.name]) for stage in (DISTILL, PRUNE))
 
 
 def _row(name: str, m: dict[str, Any]) -> dict[str, Any]:
@@ -36,9 +48,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_demo(settings: Settings, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    from .compress.distill import distill
-    from .compress.prune import prune
-    from .compress.quantize import quantize
+    """synthesize once, then distill, prune and quantize through the same orchestrator as the commands,
+    then evaluate every model on the real held-out split; returns {table, report, rows}."""
     from .evaluate import evaluate
     from .export import export_model
     from .models.loading import load_teacher
@@ -46,18 +57,14 @@ def run_demo(settings: Settings, out: Path, overwrite: bool = False) -> dict[str
     from .report import build_report, write_report
 
     timer = Timer()
-    out = prepare_output_dir(out, overwrite=overwrite, resumable=owned_by("demo"))
+    out = prepare_output_dir(out, overwrite=overwrite, resumable=owned_by_demo)
     runtime = resolve_runtime(settings.device, amp=settings.amp)
     teacher = load_teacher(None)
     real = real_eval_data(teacher, None)
     log(f"demo: embedded teacher {teacher.arch}, real held-out split {real.source} ({len(real.y)} images) -> {out}")
 
     with timer.section("synthesize"):
-        synth = synthetic_set(teacher, settings, runtime, data=None, out_dir=out / "synthetic")
-    with timer.section("distill"):
-        distilled = distill(teacher, settings.distill.student, synth, settings, out / "student", runtime, real)
-    with timer.section("prune"):
-        pruned = prune(teacher, synth, settings, out / "pruned", runtime, real)
+        synth = synthetic_set(teacher, settings, runtime, data=None, out_dir=out / FOLDERS["synthetic"])
     with timer.section("export"):
         import torch
 
@@ -65,34 +72,39 @@ def run_demo(settings: Settings, out: Path, overwrite: bool = False) -> dict[str
         teacher_onnx = out / "teacher.onnx"
         if not teacher_onnx.is_file():
             export_model(teacher.module, teacher, "onnx", teacher_onnx, check, opset=settings.export.opset)
-    with timer.section("quantize"):
-        int8 = quantize(teacher_onnx, synth, settings, out / "int8", eval_data=real, reference=teacher)
+
+    def stage(s: Stage, model: Path | None = None) -> dict[str, Any]:
+        # a resumable stage continues its folder; the others (quantize) redo theirs, as a re-run demo always did
+        with timer.section(s.name):
+            req = StageRequest(settings, lambda _: teacher, model=str(model) if model else None, data=str(synth),
+                               output=out / FOLDERS[s.name], overwrite=s.owns is None)
+            return run_stage(s, req).report_metrics()
+
+    distilled, pruned, int8 = stage(DISTILL), stage(PRUNE), stage(QUANTIZE, teacher_onnx)
 
     with timer.section("evaluate"):
         rows = [_row("teacher (fp32)", evaluate(teacher, real, teacher, settings, onnx_path=teacher_onnx, runtime=runtime))]
-        student = load_teacher(str(out / "student"))
-        rows.append(_row(f"student {settings.distill.student}", evaluate(student, real, teacher, settings,
-                                                                         onnx_path=_onnx(out / "student"), runtime=runtime)))
-        pruned_model = load_teacher(str(out / "pruned"))
-        rows.append(_row(f"pruned {settings.prune.ratio:.0%} ch", evaluate(pruned_model, real, teacher, settings,
-                                                                          onnx_path=_onnx(out / "pruned"), runtime=runtime)))
-        int8_path = _onnx(out / "int8")
-        rows.append(_row("teacher int8", evaluate(int8_path, real, teacher, settings, onnx_path=int8_path, runtime=runtime)))
+        rows += [_row(label, _evaluate_folder(out / FOLDERS[name], real, teacher, settings, runtime))
+                 for name, label in (("distill", f"student {settings.distill.student}"),
+                                     ("prune", f"pruned {settings.prune.ratio:.0%} ch"), ("quantize", "teacher int8"))]
     table = format_table(rows)
-    atomic_write_text(out / "summary.txt", table + "\n")
+    atomic_write_text(out / SUMMARY_FILE, table + "\n")
     report = build_report("demo", inputs={"teacher": teacher.source, "real_test_data": real.source}, settings=settings,
                           metrics={"rows": rows, "distill": distilled, "prune": pruned, "quantize": int8},
                           timings={**timer.timings, "total": timer.total()},
                           outputs={"folder": str(out), "preview": str(Path(synth) / "preview.png"),
                                    "onnx": [str(p) for p in sorted(out.glob("**/*.onnx"))]})
-    write_report(report, out / "report.json")
-    log(f"demo finished in {timer.total():.0f} s; report {out / 'report.json'}, preview {Path(synth) / 'preview.png'}")
+    write_report(report, out / REPORT_FILE)
+    log(f"demo finished in {timer.total():.0f} s; report {out / REPORT_FILE}, preview {Path(synth) / 'preview.png'}")
     return {"table": table, "report": report, "rows": rows}
 
 
-def _onnx(folder: Path) -> Path | None:
-    from .models.model_dir import read_model_dir
+def _evaluate_folder(folder: Path, real: Any, teacher: Teacher, settings: Settings, runtime: Any) -> dict[str, Any]:
+    """A stage's model folder on the real split: quantized graphs in onnxruntime, the others as loaded."""
+    from .evaluate import evaluate
+    from .models.loading import load_teacher
+    from .models.model_dir import is_quantized_onnx, onnx_file_of
 
-    files = read_model_dir(folder).get("files", {})
-    name = files.get("onnx")
-    return folder / name if name else None
+    onnx_path = onnx_file_of(folder)
+    model = onnx_path if is_quantized_onnx(onnx_path) else load_teacher(str(folder))
+    return evaluate(model, real, teacher, settings, onnx_path=onnx_path, runtime=runtime, preprocessing=teacher)

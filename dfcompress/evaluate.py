@@ -135,18 +135,20 @@ def _file_size(source: Any) -> Optional[int]:
 
 
 def evaluate(model: Any, data: Any, teacher: Any, settings: Any, onnx_path: str | Path | None = None, *,
-             runtime: Any = None, latency: bool = True) -> dict[str, Any]:
+             runtime: Any = None, latency: bool = True, preprocessing: Any = None) -> dict[str, Any]:
     """Top-1 on ``data`` (LabelledImages), agreement with ``teacher``, params, MACs, sizes, ORT latency.
 
     ``model`` is a Teacher (as load_teacher returns), a bare nn.Module (preprocessing taken from
     ``teacher``) or a path to an ONNX file (e.g. a quantized model). Without ``onnx_path`` a module is
     exported to a temporary ONNX file for the latency figures. Absent inputs give None entries.
+    ``preprocessing`` (a Teacher, e.g. the model folder as loaded) gives input shape, mean and std to an
+    ONNX path or bare module, so ``teacher`` is needed for agreement only.
     """
     from .models.introspect import count_macs, count_params
 
     batch = settings.eval.batch_size
     is_onnx = isinstance(model, (str, Path))
-    like = model if hasattr(model, "module") and hasattr(model, "mean") else teacher
+    like = model if hasattr(model, "module") and hasattr(model, "mean") else (preprocessing or teacher)
     if like is None:
         raise UserError("evaluating a bare model needs its teacher (for the input shape and --mean/--std)")
     input_shape = tuple(like.input_shape)
@@ -205,3 +207,8 @@ def _latency_figures(model: Any, module: Optional[nn.Module], like: Any, setting
             log(f"eval: no latency figures, the model does not export to ONNX ({exc})")
             return {"latency": {"error": str(exc)}}
         return {"onnx_bytes": path.stat().st_size, "latency": onnx_latency(path, shape, runs)}
+
+
+from ._callable import make_callable  # noqa: E402 - must run once the module is complete
+
+make_callable(__name__, "evaluate")

@@ -232,3 +232,8 @@ def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
         return json.loads(extra[META_KEY]) if extra[META_KEY] else None
     except (OSError, ValueError, RuntimeError):
         return None
+
+
+from ._callable import make_callable  # noqa: E402 - must run once the module is complete
+
+make_callable(__name__, "export")

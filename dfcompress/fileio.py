@@ -119,6 +119,29 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
         writer(tmp)
 
 
+REPORT_FILE = "report.json"  # written into every output folder (and wherever --report points)
+
+
+def default_output(kind: str) -> Path:
+    """``runs/<kind>-<timestamp>``: commands run as typed without -o and never clobber earlier runs."""
+    import datetime as _dt
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{kind}-{stamp}"
+
+
+def json_format(path: str | os.PathLike) -> str:
+    """The ``format`` field of a JSON file ('' when missing, unreadable or not an object)."""
+    obj = read_json_or_none(path)
+    return str(obj.get("format", "")) if isinstance(obj, dict) else ""
+
+
+def report_command(folder: str | os.PathLike) -> str | None:
+    """Which command wrote ``folder/report.json`` (None without one): how output folders say who owns them."""
+    obj = read_json_or_none(Path(folder) / REPORT_FILE)
+    return obj.get("command") if isinstance(obj, dict) else None
+
+
 def read_json_or_none(path: str | os.PathLike) -> Any:
     """The parsed JSON file, or None when it is missing, unreadable or not JSON: for probing files a
     crashed or foreign run may have left (callers decide what a missing answer means)."""

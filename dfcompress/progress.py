@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 
 class _Silent:
@@ -50,3 +51,28 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except ValueError:
         return 0
+
+
+class Timer:
+    """Named wall-clock sections for the report's ``timings_s``."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def section(self, name: str) -> "_Section":
+        return _Section(self, name)
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+class _Section:
+    def __init__(self, timer: Timer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.timings[self.name] = self.timer.timings.get(self.name, 0.0) + time.perf_counter() - self.t0

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_json, sha256_file
+from .fileio import REPORT_FILE, atomic_write_json, sha256_file
+from .progress import Timer
 from .settings import Settings
 
 REPORT_FORMAT = "dfcompress-report/1"
@@ -35,7 +36,10 @@ def describe_input(value: str | os.PathLike | None) -> dict[str, Any] | None:
     if p.is_file():
         return {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
     if p.is_dir():
-        for name in ("dfcompress.json", "manifest.json"):
+        from .data.synthetic import MANIFEST
+        from .models.model_dir import DESCRIPTOR
+
+        for name in (DESCRIPTOR, MANIFEST):
             if (p / name).is_file():
                 return {"path": str(p), name: sha256_file(p / name)}
         return {"path": str(p)}
@@ -67,3 +71,14 @@ def write_report(report: dict[str, Any], *paths: str | os.PathLike | None) -> li
         atomic_write_json(p, report)
         written.append(Path(p))
     return written
+
+
+def finish_report(command: str, out_dir: Path | None, report_path: str | os.PathLike | None, *, inputs: dict[str, Any],
+                  settings: Settings | None, metrics: dict[str, Any], timer: Timer,
+                  outputs: dict[str, Any] | None = None, status: str = "ok") -> dict[str, Any]:
+    """Close ``timer`` and write the report into ``out_dir/report.json`` and/or ``report_path``."""
+    timer.timings["total"] = timer.total()
+    report = build_report(command, inputs=inputs, settings=settings, metrics=metrics, timings=timer.timings,
+                          outputs=outputs, status=status)
+    write_report(report, Path(out_dir) / REPORT_FILE if out_dir else None, report_path)
+    return report

@@ -47,7 +47,7 @@ def groupnorm_pt2(tmp_path_factory) -> Path:
 
 
 def test_inspect_says_no_batchnorm_not_folded(groupnorm_pt2: Path):
-    res = invoke("inspect", groupnorm_pt2)
+    res = invoke("inspect", groupnorm_pt2, "--text")  # the summary (piped output defaults to JSON)
     assert res.exit_code == 0, res.output
     line = next(l for l in res.stdout.splitlines() if l.startswith("batchnorm"))
     assert "no BatchNorm layers (group_norm only" in line and "folded" not in line
@@ -202,7 +202,7 @@ def test_softmax_and_1x1_heads_give_logits(tmp_path: Path, fmt: str, head: str):
     model, logits_of = _zoo_with(head)
     path = _write_model(model, fmt, tmp_path)
     extra = ["--allow-pickle"] if fmt == "pickle" else []
-    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--input-shape", "3x32x32", *extra)
+    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--input-shape", "3x32x32", "--text", *extra)
     assert res.exit_code == 0, res.output
     want = "ends in Softmax: dropped it" if head == "softmax" else "returns [N, 10, 1, 1]: squeezed"
     assert f"output     {want}" in res.stdout
@@ -234,7 +234,7 @@ def test_traced_torchscript_uses_its_traced_size(tmp_path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(WideHead().eval(), torch.zeros(1, 3, 224, 224)), str(path))
-    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--text")
     assert res.exit_code == 0, res.output
     assert "3x224x224" in res.stdout and "the example input the file was traced with" in res.stdout
     assert "assuming" not in res.stderr
@@ -243,7 +243,7 @@ def test_traced_torchscript_uses_its_traced_size(tmp_path: Path):
 def test_scripted_torchscript_keeps_the_warning_and_shows_the_guess(tmp_path: Path):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(WideHead().eval()), str(path))
-    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    res = invoke("inspect", path, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--text")
     assert res.exit_code == 0, res.output
     assert "assuming 3x32x32" in res.stderr
     assert "3x32x32" in res.stdout and "GUESSED" in res.stdout and "--input-shape" in res.stdout

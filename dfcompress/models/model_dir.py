@@ -120,3 +120,35 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
         if not (d / name).is_file():
             raise UserError(f"{d} is incomplete: its {kind} file {name} is missing; re-run the command that made it")
     return desc
+
+
+def created_by(path: str | Path) -> str | None:
+    """The command recorded in a model folder's descriptor (None without a readable one)."""
+    from ..fileio import read_json_or_none
+
+    desc = read_json_or_none(Path(path) / DESCRIPTOR)
+    return desc.get("created_by") if isinstance(desc, dict) else None
+
+
+def onnx_file_of(model: str | Path | None) -> Path | None:
+    """An ONNX file standing for MODEL: the MODEL itself, or the one a dfcompress model folder names."""
+    if model is None:
+        return None
+    p = Path(model)
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        return p
+    if p.is_dir() and (p / DESCRIPTOR).is_file():
+        name = read_model_dir(p).get("files", {}).get("onnx")
+        if name and (p / name).is_file():
+            return p / name
+    return None
+
+
+def is_quantized_onnx(path: str | Path | None) -> bool:
+    """True for an ONNX graph holding quantize/dequantize ops (it runs in onnxruntime only, not as a torch module)."""
+    if path is None:
+        return False
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in graph.node)

@@ -46,16 +46,18 @@ def test_quality_gate_reads_the_distill_metrics(reference_student: Path) -> None
     """--max-drop gates on real top-1 (teacher vs student) measured by distill; a drop beyond it is exit 3."""
     import pytest
 
-    from dfcompress.cli import _gate
+    from dfcompress.compress.gate import gate
+    from dfcompress.compress.stage import Figures, quality_drop
+    from dfcompress.compress.stages import DISTILL
     from dfcompress.errors import GateFailed
-    from dfcompress.pipeline import before_after, quality_drop
 
     metrics = json.loads((reference_student / "report.json").read_text())["metrics"]
-    before, after = before_after("distill", metrics)
-    assert before["top1"] == metrics["teacher_top1"] and after["top1"] == metrics["top1"]
+    before, after = DISTILL.figures(metrics)
+    assert before.top1 == metrics["teacher_top1"] and after.top1 == metrics["top1"]
+    assert (Figures.of(metrics["before"]), Figures.of(metrics["after"])) == (before, after)  # the fixed report section
     what, b, a = quality_drop(before, after)
     assert what == "accuracy" and b - a > 0
-    _gate(b - a + 0.01, before, after)
+    gate(b - a + 0.01, before, after)
     with pytest.raises(GateFailed) as info:
-        _gate(max(0.0, b - a - 0.5), before, after)
+        gate(max(0.0, b - a - 0.5), before, after)
     assert info.value.exit_code == 3
