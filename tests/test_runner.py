@@ -318,8 +318,13 @@ def test_naturalinversion_end_to_end(tmp_path):
     assert (tmp_path / "preview.png").is_file() and (tmp_path / "loss.png").is_file()
 
 
-def test_projected_synthesis_time_is_said_up_front(tmp_path, capsys):
-    run(tmp_path, make_settings(n=8, batch=4, iterations=5))
+def test_projected_synthesis_time_is_said_up_front(tmp_path, capsys, monkeypatch):
+    from dfcompress.inversion.runner import _Projection
+
+    run(tmp_path / "short", make_settings(n=8, batch=4, iterations=5))
+    assert "projected" not in capsys.readouterr().err  # a run of seconds needs no forecast
+    monkeypatch.setattr(_Projection, "SAY_AFTER_S", 0.0)
+    run(tmp_path / "long", make_settings(n=8, batch=4, iterations=5))
     err = capsys.readouterr().err
     assert "projected synthesis time" in err and "x 5 iterations x 2 batch(es) of 4" in err
 

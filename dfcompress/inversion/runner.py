@@ -360,6 +360,7 @@ class _Projection:
     """
 
     WARMUP, MEASURE = 1, 3   # skip the first iteration (allocations), time the next ones
+    SAY_AFTER_S = 60.0       # runs shorter than a minute need no forecast
     LONG_S = 600.0
 
     def __init__(self, settings, shards: int):
@@ -373,7 +374,8 @@ class _Projection:
         self.stamps.append(time.perf_counter())
         if len(self.stamps) == self.MEASURE + 1:
             per_it = (self.stamps[-1] - self.stamps[self.WARMUP]) / (self.MEASURE - self.WARMUP)
-            log(self.message(per_it))
+            if per_it * self.settings.iterations * self.batches >= self.SAY_AFTER_S:
+                log(self.message(per_it))
 
     def message(self, per_iteration_s: float) -> str:
         s = self.settings
