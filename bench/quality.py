@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py)
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 ARMS = {
     "a": ("noise", "Gaussian noise, teacher labels"),
@@ -117,6 +118,7 @@ def budget_config(args) -> dict[str, Any]:
         cfg["device"] = args.device
     cfg["batch"] = min(cfg["batch"], cfg["n"])
     cfg["fast_k"] = args.fast_k
+    cfg["fast_overrides"] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fast_set)}
     # equal teacher passes: the (c) arm's images x iterations, spent K iterations per image
     cfg["fast_n"] = args.fast_n or max(cfg["batch"], cfg["n"] * cfg["iterations"] // args.fast_k)
     return cfg
@@ -142,7 +144,9 @@ def make_settings(cfg: dict[str, Any], method: str, seed: int, key: str = "c"):
     from dfcompress.settings import resolve_settings
 
     images, iterations = arm_sizes(cfg, key)
+    fast = {f"synthesize.{k}": v for k, v in cfg.get("fast_overrides", {}).items()} if key in FAST_ARMS else {}
     return resolve_settings("cifar10", {
+        **fast,
         "seed": seed,
         "synthesize.method": method,
         "synthesize.num_images": images,
@@ -480,6 +484,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--fast-k", dest="fast_k", type=int, default=10, help="fast-ni inner steps per batch (arms g, h)")
     ap.add_argument("--fast-n", dest="fast_n", type=int, default=None,
                     help="images of arms g, h, i (default: equal teacher passes to (c), N x iterations / K)")
+    ap.add_argument("--fast-set", dest="fast_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="synthesize setting for the fast arms only (e.g. lambda_bn=2); repeatable")
     ap.add_argument("--curve", action="store_true", help="also distil on prefixes of (g)'s set (student top-1 vs teacher passes)")
     args = ap.parse_args(argv)
 
