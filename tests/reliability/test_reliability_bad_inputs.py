@@ -128,8 +128,9 @@ CASES: dict[str, Callable[[Ctx], tuple[list, list[str]]]] = {
     "profile-malformed-yaml": lambda c: (["synthesize", "--profile", c.m / "malformed.yaml", "-o", "out"], ["not valid YAML", "line 2"]),
     "profile-not-a-mapping": lambda c: (["synthesize", "--profile", c.m / "list.yaml", "-o", "out"], ["must be a YAML mapping"]),
     # -- synthetic sets and statistics
-    "data-not-a-synthetic-set": lambda c: (["distill", "--data", c.m / "not_a_set", "-o", "out"], ["not a finished synthetic set"]),
-    "data-missing": lambda c: (["prune", "--data", c.tmp / "nowhere", "-o", "out"], ["not found", "dfcompress synthesize"]),
+    # --data takes synthetic sets, image folders and .npz files (issue 14): a folder of neither says what it wants
+    "data-not-a-synthetic-set": lambda c: (["distill", "--data", c.m / "not_a_set", "-o", "out"], ["holds no images", "one sub-folder of images per class"]),
+    "data-missing": lambda c: (["prune", "--data", c.tmp / "nowhere", "-o", "out"], ["not found", "synthetic set folder, an image folder or an .npz"]),
     "data-corrupted-shard": lambda c: (["distill", "--data", c.corrupted_set, "-o", "out", "--profile", "ci-smoke",
                                         "--student", "wrn_16_1"], ["shard-00001.safetensors is corrupted", "re-run"]),
     "stats-file-missing": lambda c: (["synthesize", "--stats", c.tmp / "cc.safetensors", "-o", "out", *TINY_SYNTH],
