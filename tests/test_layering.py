@@ -9,7 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "dfcompress"
 LAYERS = [
-    {"errors", "fileio", "progress", "device", "settings", "__init__"},
+    {"errors", "fileio", "progress", "device", "settings", "seeds", "distillation", "__init__"},
     {"models"}, {"stats"}, {"data"}, {"inversion"},  # the runner writes its shards through data/synthetic.py
     {"export", "evaluate", "distributed"},  # compress trains with DDP, checks exports and evaluates students
     {"compress"}, {"report"}, {"pipeline", "demo", "api", "_callable"}, {"cli_common", "cli", "__main__"},

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..progress import log
-from .kd import derive_seed, dist_info, split_holdout, stack_images, train_kd
+from ..seeds import STUDENT_INIT, seeded_build, stream_seed
+from .kd import dist_info, split_holdout, stack_images, train_kd
 
 
 def check_synthetic_set(dataset: Any, teacher: Any) -> None:
@@ -33,9 +34,8 @@ def build_student(name: str, teacher: Any, seed: int) -> tuple[str, nn.Module]:
 
     canonical = resolve_model_name(name)
     c, h, w = (int(v) for v in teacher.input_shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 11))
-        student = create_model(canonical, num_classes=int(teacher.num_classes), in_channels=c, input_size=h)
+    student = seeded_build(stream_seed(seed, STUDENT_INIT),
+                           lambda: create_model(canonical, num_classes=int(teacher.num_classes), in_channels=c, input_size=h))
     return canonical, student
 
 

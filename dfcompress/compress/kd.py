@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ..distillation import kd_loss
 from ..errors import NumericalError, UserError
 from ..fileio import atomic_write_bytes
 from ..progress import log
+from ..seeds import HOLDOUT, KD_AUGMENT, KD_GLOBAL_RNG, seeded_generator, stream_seed
 from .loader import LOADER, KDLoader, unit_images
 
 CHECKPOINT = "kd-checkpoint.pt"
@@ -96,12 +98,6 @@ def _barrier() -> None:
 # pieces
 
 
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, epoch, rank, purpose)."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int = 0, world_size: int = 1) -> Tensor:
     """Random crop with zero ``padding`` (pixel space) and random horizontal flip; randomness from ``g`` (CPU).
 
@@ -125,14 +121,6 @@ def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int
         mask = (torch.rand(total, generator=g) < 0.5)[pick].to(x01.device)[:, None, None, None]
         out = torch.where(mask, out.flip(3), out)
     return out
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton et al. 2015: KL(p_T || q_T) × T² (batch mean), computed in fp32."""
-    t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
 
 
 def make_optimizer(student: nn.Module, cfg: KDConfig) -> torch.optim.Optimizer:
@@ -229,12 +217,12 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
     task = progress.add_task(desc, total=max(0, epochs - start) * steps, info="") if progress is not None else None
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        g_aug = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, 0))  # one stream for all ranks (augment picks)
+        g_aug = seeded_generator(stream_seed(seed, epoch, 0, KD_AUGMENT))  # one stream for all ranks (augment picks)
         lr0 = opt.param_groups[0]["lr"]
         devices = [runtime.device] if runtime.device.type == "cuda" else []
         # dropout etc. draw from the global RNG: seed it per epoch, and leave the caller's state untouched
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(seed, epoch, rank, 1))
+            torch.manual_seed(stream_seed(seed, epoch, rank, KD_GLOBAL_RNG))
             loss_sum, count = _run_epoch(model, teacher, teacher_module, loader.epoch(epoch), opt, sched, scaler, runtime, cfg, g_aug,
                                          epoch, progress, task, rank, world)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, count), "lr": lr0}
@@ -301,7 +289,7 @@ def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
     k = int(round(n * fraction))
     if fraction <= 0 or k == 0 or n - k < 1:
         return dataset, None
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 7))).tolist()
+    perm = torch.randperm(n, generator=seeded_generator(stream_seed(seed, HOLDOUT))).tolist()
     return Subset(dataset, sorted(perm[k:])), Subset(dataset, sorted(perm[:k]))
 
 

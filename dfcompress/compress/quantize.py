@@ -20,6 +20,7 @@ import torch
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_bytes
 from ..progress import log
+from ..seeds import CALIBRATION_SPLIT, seeded_generator, stream_seed
 
 CALIB_BATCH = 16
 HOLDOUT_MAX = 1024
@@ -112,9 +113,8 @@ def _as_reader(reader: Any):
 
 def _split(n: int, calibration_images: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeded (calibration, held-out) indices; at least a quarter of a small set stays held out."""
-    from .kd import derive_seed
 
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 13))).tolist()
+    perm = torch.randperm(n, generator=seeded_generator(stream_seed(seed, CALIBRATION_SPLIT))).tolist()
     n_cal = min(calibration_images, n - max(1, n // 4)) if n >= 2 else n
     if n_cal < calibration_images:
         log(f"quantize: calibrating on {n_cal} of {n} synthetic images so that {n - n_cal} stay held out for the agreement check")
