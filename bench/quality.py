@@ -252,8 +252,6 @@ def collect_seed_stats(onnx_teacher, runtime):
 
 
 def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
-    from dfcompress.compress.distill import distill
-    from dfcompress.evaluate import agreement
     from dfcompress.inversion.runner import synthesize
 
     cfg, work, seed, rt = ctx["cfg"], ctx["work"], ctx["seed"], ctx["runtime"]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .device import place
-from .errors import UserError
+from .errors import UserError, first_line
 from .progress import log
 
 LATENCY_BATCHES = (1, 32)
@@ -104,7 +104,7 @@ def onnx_latency(path: str | Path, input_shape: tuple[int, int, int], runs: int 
                 session.run(None, {name: x})
                 times.append((time.perf_counter() - t0) * 1000.0)
         except Exception as exc:  # noqa: BLE001 - e.g. a user's ONNX with a fixed batch of 1
-            result[f"batch_{bs}"] = {"error": str(exc).splitlines()[0][:200]}
+            result[f"batch_{bs}"] = {"error": first_line(exc, 200)}
             continue
         result[f"batch_{bs}"] = {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
                                  "images_per_s": float(bs * 1000.0 / np.percentile(times, 50))}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import NumericalError, UserError
+from .errors import NumericalError, UserError, first_line
 from .fileio import atomic_path
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -162,8 +162,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tm
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
     except Exception as exc:  # noqa: BLE001 - exporter errors are many and untyped
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX export failed: {first[:300]}; try --format pt2 or torchscript") from None
+        raise UserError(f"ONNX export failed: {first_line(exc, 300)}; try --format pt2 or torchscript") from None
     proto = onnx.load(str(tmp))
     onnx.checker.check_model(proto)
     set_onnx_metadata(proto, META_KEY, json.dumps(meta))
@@ -196,8 +195,7 @@ def _write_pt2(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tmp
             warnings.simplefilter("ignore")
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"torch.export failed: {first[:300]}; try --format onnx or torchscript") from None
+        raise UserError(f"torch.export failed: {first_line(exc, 300)}; try --format onnx or torchscript") from None
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={META_KEY: json.dumps(meta)})
     tmp.write_bytes(buf.getvalue())

@@ -113,12 +113,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_path)`` and atomically move the result onto ``path``."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
 REPORT_FILE = "report.json"  # written into every output folder (and wherever --report points)
 
 

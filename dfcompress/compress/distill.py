@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from ..errors import UserError

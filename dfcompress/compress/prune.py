@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, describe_exception
 from ..progress import log
 from ..models.zoo import customized_pruners
 from .importance import DATA_DRIVEN, Batches, importance_batches, make_importance
@@ -88,8 +88,7 @@ class _Broken(Exception):
     @classmethod
     def of(cls, exc: BaseException) -> "_Broken":
         """The failure in one short line: exception type and the first line of its message."""
-        text = str(exc)
-        return cls(f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}")
+        return cls(describe_exception(exc))
 
 
 def _make_pruner(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,

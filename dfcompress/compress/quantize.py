@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, describe_exception
 from ..fileio import atomic_path, atomic_write_bytes
 from ..progress import log
 from ..seeds import CALIBRATION_SPLIT, seeded_generator, stream_seed
@@ -227,5 +227,5 @@ def _preprocess(src: Path, dst: Path) -> Path:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         return dst
     except Exception as exc:  # noqa: BLE001 - optional step; quantize_static works without it
-        log(f"quantize: pre-processing skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+        log(f"quantize: pre-processing skipped ({describe_exception(exc, 120)})")
         return src

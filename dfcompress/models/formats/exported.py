@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line, metadata_fields
+from ...errors import UserError, first_line
+from .common import Loaded, corrupted, metadata_fields
 from .fx_modules import free_batch, modularize
 from .pickled import pickle_refusal, safe_torch_load, unsafe_globals
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line, metadata_fields
+from ...errors import UserError, first_line
+from .common import Loaded, corrupted, metadata_fields
 
 
 def _dims(value_info) -> list[int | None]:

@@ -24,8 +24,8 @@ from unittest import mock
 import torch
 from torch import nn
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line, metadata_fields
+from ...errors import UserError, first_line
+from .common import Loaded, corrupted, metadata_fields
 from .probe import resolve_input_shape
 
 META_FILE = "dfcompress.json"
