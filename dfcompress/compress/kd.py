@@ -23,12 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ..device import Runtime
 from ..distillation import kd_loss
 from ..errors import NumericalError, UserError
 from ..fileio import atomic_write_bytes
 from ..progress import log
+from ..models.teacher import Teacher
 from ..seeds import HOLDOUT, KD_AUGMENT, KD_GLOBAL_RNG, seeded_generator, stream_seed
+from ..settings import DistillSettings, PruneSettings
 from .loader import LOADER, KDLoader, unit_images
+
+Section = DistillSettings | PruneSettings  # the settings a KD run reads (prune has no optimizer/augmentation)
 
 CHECKPOINT = "kd-checkpoint.pt"
 CHECKPOINT_FORMAT = "dfcompress-kd/1"
@@ -49,7 +54,7 @@ class KDConfig:
     flip: bool = False
 
     @classmethod
-    def from_section(cls, section: Any, fallback: Any = None) -> "KDConfig":
+    def from_section(cls, section: Section, fallback: Optional[Section] = None) -> "KDConfig":
         """Fields the section lacks (PruneSettings has no optimizer or augmentation) come from ``fallback``."""
         values = {}
         for name in cls.__dataclass_fields__:
@@ -79,7 +84,7 @@ def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
     return b
 
 
-def wrap_model(student: nn.Module, runtime: Any) -> nn.Module:
+def wrap_model(student: nn.Module, runtime: Runtime) -> nn.Module:
     """DistributedDataParallel (BatchNorm synchronised across ranks) when a process group exists, the
     module itself otherwise. Train through the result; ``student`` keeps its own layers and tensors."""
     if dist_info()[1] > 1:
@@ -175,9 +180,9 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
 # the loop
 
 
-def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_section: Any, runtime: Any,
+def train_kd(student: nn.Module, teacher: Teacher, dataset: Dataset, settings_section: Section, runtime: Runtime,
              checkpoint_dir: Path, epochs: int, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
-             seed: int = 0, progress: Any = None, fallback_section: Any = None, desc: str = "KD") -> dict[str, Any]:
+             seed: int = 0, progress: Any = None, fallback_section: Optional[Section] = None, desc: str = "KD") -> dict[str, Any]:
     """Train ``student`` in place to match ``teacher`` on ``dataset`` (items ``(image01, label, logits)``).
 
     ``settings_section`` is a KDConfig or a settings section (DistillSettings, PruneSettings; missing
@@ -251,8 +256,8 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
             "seconds": round(time.perf_counter() - t_start, 3), "config": asdict(cfg)}
 
 
-def _run_epoch(model: nn.Module, teacher: Any, teacher_module: nn.Module, batches: Iterator, opt, sched, scaler,
-               runtime: Any, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any,
+def _run_epoch(model: nn.Module, teacher: Teacher, teacher_module: nn.Module, batches: Iterator, opt, sched, scaler,
+               runtime: Runtime, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any,
                rank: int = 0, world: int = 1) -> tuple[float, int]:
     model.train()
     loss_sum, count = 0.0, 0
