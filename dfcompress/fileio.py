@@ -145,6 +145,17 @@ def read_json_or_none(path: str | os.PathLike) -> Any:
         return None
 
 
+def read_json_document(path: Path, missing: str, fix: str) -> Any:
+    """The parsed JSON file a finished run left; one-line UserErrors: ``missing`` when it is absent,
+    ``cannot read PATH: why; fix`` when it is unreadable (callers then check that it is theirs)."""
+    if not Path(path).is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; {fix}") from None
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)

@@ -9,7 +9,6 @@ last, after every file it names passed its parity check: its presence means the 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, read_json_document
 from .teacher import InputSpec
 
 DESCRIPTOR = "dfcompress.json"  # a model folder's descriptor file, and the metadata key inside every exported file
@@ -80,12 +79,8 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
     """The descriptor of a finished model folder, with every named file checked to exist."""
     d = Path(path)
     desc_path = d / DESCRIPTOR
-    if not desc_path.is_file():
-        raise UserError(f"{d} has no {DESCRIPTOR}: it is not a finished dfcompress model folder; re-run the command that makes it")
-    try:
-        desc = json.loads(desc_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {desc_path}: {exc}; re-run the command that made {d}") from None
+    desc = read_json_document(desc_path, f"{d} has no {DESCRIPTOR}: it is not a finished dfcompress model folder; re-run the command that makes it",
+                              f"re-run the command that made {d}")
     if not isinstance(desc, dict) or desc.get("kind") != "model" or not isinstance(desc.get("files"), dict):
         raise UserError(f"{desc_path} is not a dfcompress model descriptor (expected kind 'model' and 'files')")
     for kind, name in desc["files"].items():
