@@ -142,7 +142,7 @@ def run_model(name: str, args, evaluator, work: Path) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    lines = [f"# Calibration sources for ORT static QDQ (INT8 weights)", "",
+    lines = ["# Calibration sources for ORT static QDQ (INT8 weights)", "",
              f"Machine: {common.machine_line(result['machine'])}", "",
              f"N = {cfg['n']} calibration images per source; NI arms: batch {cfg['batch']}, {cfg['iterations']} iterations "
              f"(a short run); d uses {SEEDS_PER_CLASS} real seeds/class. Test sets: {result['eval_sizes']}. "

@@ -252,8 +252,6 @@ def collect_seed_stats(onnx_teacher, runtime):
 
 
 def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
-    from dfcompress.compress.distill import distill
-    from dfcompress.evaluate import agreement
     from dfcompress.inversion.runner import synthesize
 
     cfg, work, seed, rt = ctx["cfg"], ctx["work"], ctx["seed"], ctx["runtime"]
@@ -354,7 +352,8 @@ def prefix_curve(key: str, teacher, synth_dir: Path, arm_dir: Path, settings, ct
 def plan(ctx: dict[str, Any], arms: list[str]) -> dict[str, Any]:
     """Time a few steps of every stage at the budget's sizes and project the whole run."""
     from dfcompress.compress.distill import build_student
-    from dfcompress.compress.kd import kd_loss, make_optimizer, KDConfig
+    from dfcompress.compress.kd import make_optimizer, KDConfig
+    from dfcompress.distillation import kd_loss
     from dfcompress.evaluate import module_logits
     from dfcompress.inversion.synthesizers import build_synthesizer
 

@@ -387,6 +387,7 @@ def measure_kd(cfg: dict[str, Any]) -> dict[str, Any]:
     import tempfile
 
     from dfcompress.compress import kd
+    from dfcompress.distillation import kd_loss
     from dfcompress.compress.loader import KDLoader
     from dfcompress.data.synthetic import SyntheticSet, write_synthetic_set
 
@@ -424,7 +425,7 @@ def measure_kd(cfg: dict[str, Any]) -> dict[str, Any]:
                 with rt.autocast():
                     with torch.no_grad():
                         t_logits = t_mod(xb)
-                    loss = kd.kd_loss(s(xb), t_logits, conf.temperature)
+                    loss = kd_loss(s(xb), t_logits, conf.temperature)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 from typing_extensions import Annotated
 
-from .errors import DFCompressError, UserError
+from .errors import DFCompressError, UserError, describe_exception, first_line
 from .settings import Settings, resolve_settings
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def command(fn: Callable) -> Callable:
         except DFCompressError as exc:
             if debug_enabled():
                 traceback.print_exc()
-            echo_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            echo_error(first_line(exc, None))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             echo_error("interrupted; re-run the same command to resume where it stopped")
@@ -74,8 +74,7 @@ def command(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
             if debug_enabled():
                 traceback.print_exc()
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            echo_error(f"internal error ({type(exc).__name__}: {first[:300]}); re-run with DFCOMPRESS_DEBUG=1 for the traceback and report it")
+            echo_error(f"internal error ({describe_exception(exc, 300)}); re-run with DFCOMPRESS_DEBUG=1 for the traceback and report it")
             raise typer.Exit(1) from None
 
     return wrapper

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -86,11 +86,3 @@ def resolve_runtime(device: str = "auto", amp: bool = True) -> Runtime:
     if name != "cpu":
         raise UserError(f"unknown --device {device!r}; use auto, cpu or cuda")
     return Runtime(torch.device("cpu"), None, channels_last=False)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[torch.Generator]:
-    """A private CPU generator so results depend on the seed, not on what ran before."""
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    yield g

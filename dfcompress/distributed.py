@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .device import Runtime, resolve_runtime
-from .errors import GateFailed, UserError
+from .errors import GateFailed, UserError, first_line
 from .progress import log
 
 STORE_OPT_OUT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -126,7 +126,7 @@ def distributed_context(device: str = "auto") -> Iterator[DistContext]:
             dist.init_process_group(backend=backend, timeout=_timeout())
         except RuntimeError as exc:
             if restarts > 0 and shared_store:
-                raise UserError(f"the restarted workers could not reconnect ({str(exc).splitlines()[0][:120]}): torchrun's "
+                raise UserError(f"the restarted workers could not reconnect ({first_line(exc, 120)}): torchrun's "
                                 f"shared rendezvous store kept the previous attempt's addresses ({STORE_BUG}); re-run the same "
                                 f"command with {STORE_OPT_OUT}=1 set for torchrun: finished work is kept") from None
             raise

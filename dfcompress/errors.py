@@ -31,3 +31,16 @@ class NumericalError(DFCompressError):
     """A computation produced NaN/inf and could not be recovered by retrying."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int | None = 160) -> str:
+    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters:
+    library tracebacks and multi-line messages are not for users, one line is."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
+def describe_exception(exc: BaseException, limit: int | None = 160) -> str:
+    """``Type: first line`` (just ``Type`` for an empty message): one line naming what failed and how."""
+    return f"{type(exc).__name__}: {first_line(exc, limit)}" if str(exc).strip() else type(exc).__name__

@@ -15,8 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .device import place
-from .errors import UserError
+from .data.real import LabelledImages
+from .device import Runtime, place
+from .errors import UserError, first_line
+from .models.teacher import InputSpec, Teacher
+from .settings import Settings
 from .progress import log
 
 LATENCY_BATCHES = (1, 32)
@@ -41,7 +44,7 @@ def agreement(a_logits: Tensor, b_logits: Tensor) -> float:
     return float((a_logits.argmax(1).cpu() == b_logits.argmax(1).cpu()).float().mean().item() * 100.0)
 
 
-def to_input(images: Tensor, teacher_like: Any) -> Tensor:
+def to_input(images: Tensor, teacher_like: InputSpec) -> Tensor:
     """uint8 pixels or float [0,1] images -> the model's normalised float input."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     mean = torch.tensor(teacher_like.mean, dtype=x.dtype).view(1, -1, 1, 1)
@@ -50,7 +53,7 @@ def to_input(images: Tensor, teacher_like: Any) -> Tensor:
 
 
 @torch.no_grad()
-def module_logits(module: nn.Module, images: Tensor, teacher_like: Any, runtime: Any = None,
+def module_logits(module: nn.Module, images: Tensor, teacher_like: InputSpec, runtime: Optional[Runtime] = None,
                   batch_size: int = 256) -> Tensor:
     """float32 CPU logits of an eval-mode module on uint8/[0,1] images (normalised with ``teacher_like``)."""
     was_training = module.training
@@ -71,7 +74,7 @@ def module_logits(module: nn.Module, images: Tensor, teacher_like: Any, runtime:
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
-def onnx_logits(path_or_session: Any, images: Tensor, teacher_like: Any, batch_size: int = 256) -> Tensor:
+def onnx_logits(path_or_session: Any, images: Tensor, teacher_like: InputSpec, batch_size: int = 256) -> Tensor:
     """float32 logits of an ONNX model (file or onnxruntime session) on uint8/[0,1] images."""
     from .export import onnx_session, run_onnx
 
@@ -104,7 +107,7 @@ def onnx_latency(path: str | Path, input_shape: tuple[int, int, int], runs: int 
                 session.run(None, {name: x})
                 times.append((time.perf_counter() - t0) * 1000.0)
         except Exception as exc:  # noqa: BLE001 - e.g. a user's ONNX with a fixed batch of 1
-            result[f"batch_{bs}"] = {"error": str(exc).splitlines()[0][:200]}
+            result[f"batch_{bs}"] = {"error": first_line(exc, 200)}
             continue
         result[f"batch_{bs}"] = {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
                                  "images_per_s": float(bs * 1000.0 / np.percentile(times, 50))}
@@ -134,8 +137,9 @@ def _file_size(source: Any) -> Optional[int]:
     return None
 
 
-def evaluate(model: Any, data: Any, teacher: Any, settings: Any, onnx_path: str | Path | None = None, *,
-             runtime: Any = None, latency: bool = True, preprocessing: Any = None) -> dict[str, Any]:
+def evaluate(model: Teacher | nn.Module | str | Path, data: Optional[LabelledImages], teacher: Optional[Teacher], settings: Settings,
+             onnx_path: str | Path | None = None, *, runtime: Optional[Runtime] = None, latency: bool = True,
+             preprocessing: Optional[InputSpec] = None) -> dict[str, Any]:
     """Top-1 on ``data`` (LabelledImages), agreement with ``teacher``, params, MACs, sizes, ORT latency.
 
     ``model`` is a Teacher (as load_teacher returns), a bare nn.Module (preprocessing taken from
@@ -186,7 +190,7 @@ def evaluate(model: Any, data: Any, teacher: Any, settings: Any, onnx_path: str 
     return out
 
 
-def _latency_figures(model: Any, module: Optional[nn.Module], like: Any, settings: Any,
+def _latency_figures(model: Teacher | nn.Module | str | Path, module: Optional[nn.Module], like: InputSpec, settings: Settings,
                      onnx_path: str | Path | None) -> dict[str, Any]:
     runs = settings.eval.latency_runs
     shape = tuple(like.input_shape)

@@ -12,36 +12,23 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import NumericalError, UserError
-from .fileio import atomic_path
+from .errors import NumericalError, UserError, first_line
+from .fileio import atomic_path, atomic_write_bytes
+from .models.model_dir import (DESCRIPTOR, FILE_NAMES, INPUT_NAME, OUTPUT_NAME, model_metadata, state_dict_bytes,
+                               write_descriptor)
+from .models.teacher import InputSpec, Teacher
 
 FORMATS = ("onnx", "torchscript", "pt2")
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-META_KEY = "dfcompress.json"
 
 
 class ExportParityError(NumericalError):
     """The exported file's logits differ from eager PyTorch by more than the tolerance."""
-
-
-def model_metadata(teacher: Any) -> dict[str, Any]:
-    """What a consumer of a bare exported file needs to feed it (embedded in every export)."""
-    return {
-        "input_shape": [int(v) for v in teacher.input_shape],
-        "num_classes": int(teacher.num_classes),
-        "mean": [float(v) for v in teacher.mean],
-        "std": [float(v) for v in teacher.std],
-        "class_names": list(teacher.class_names) if getattr(teacher, "class_names", None) else None,
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-    }
 
 
 def set_onnx_metadata(proto: Any, key: str, value: str) -> None:
@@ -104,7 +91,7 @@ def parity(reference: torch.Tensor, got: torch.Tensor | np.ndarray) -> tuple[flo
     return float(diff), float(agree)
 
 
-def export_model(module: nn.Module, teacher: Any, fmt: str, path: str | Path, check_images: torch.Tensor,
+def export_model(module: nn.Module, teacher: InputSpec, fmt: str, path: str | Path, check_images: torch.Tensor,
                  opset: int = 17, atol: float = 1e-3, prefer_cuda: bool = True) -> dict[str, Any]:
     """Write ``module`` as ``fmt`` to ``path`` (atomically) after a parity check on ``check_images``.
 
@@ -162,11 +149,10 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tm
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
     except Exception as exc:  # noqa: BLE001 - exporter errors are many and untyped
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX export failed: {first[:300]}; try --format pt2 or torchscript") from None
+        raise UserError(f"ONNX export failed: {first_line(exc, 300)}; try --format pt2 or torchscript") from None
     proto = onnx.load(str(tmp))
     onnx.checker.check_model(proto)
-    set_onnx_metadata(proto, META_KEY, json.dumps(meta))
+    set_onnx_metadata(proto, DESCRIPTOR, json.dumps(meta))
     onnx.save(proto, str(tmp))
     session = onnx_session(tmp, prefer_cuda=prefer_cuda)
     got = run_onnx(session, check)
@@ -178,10 +164,10 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, check: torch.Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={META_KEY: json.dumps(meta)})
-        extra = {META_KEY: ""}
+        torch.jit.save(traced, str(tmp), _extra_files={DESCRIPTOR: json.dumps(meta)})
+        extra = {DESCRIPTOR: ""}
         loaded = torch.jit.load(str(tmp), map_location="cpu", _extra_files=extra)
-    if json.loads(extra[META_KEY]) != meta:
+    if json.loads(extra[DESCRIPTOR]) != meta:
         raise ExportParityError("TorchScript export lost its dfcompress.json metadata")
     with torch.no_grad():
         got = loaded(check)
@@ -196,14 +182,13 @@ def _write_pt2(model: nn.Module, example: torch.Tensor, check: torch.Tensor, tmp
             warnings.simplefilter("ignore")
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"torch.export failed: {first[:300]}; try --format onnx or torchscript") from None
+        raise UserError(f"torch.export failed: {first_line(exc, 300)}; try --format onnx or torchscript") from None
     buf = io.BytesIO()
-    torch.export.save(program, buf, extra_files={META_KEY: json.dumps(meta)})
+    torch.export.save(program, buf, extra_files={DESCRIPTOR: json.dumps(meta)})
     tmp.write_bytes(buf.getvalue())
-    extra = {META_KEY: ""}
+    extra = {DESCRIPTOR: ""}
     loaded = torch.export.load(str(tmp), extra_files=extra)
-    if json.loads(extra[META_KEY]) != meta:
+    if json.loads(extra[DESCRIPTOR]) != meta:
         raise ExportParityError(".pt2 export lost its dfcompress.json metadata")
     with torch.no_grad():
         got = loaded.module()(check)
@@ -219,21 +204,67 @@ def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
 
             proto = onnx.load(str(p), load_external_data=False)
             for entry in proto.metadata_props:
-                if entry.key == META_KEY:
+                if entry.key == DESCRIPTOR:
                     return json.loads(entry.value)
             return None
-        extra = {META_KEY: ""}
+        extra = {DESCRIPTOR: ""}
         if p.suffix == ".pt2":
             torch.export.load(str(p), extra_files=extra)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
-        return json.loads(extra[META_KEY]) if extra[META_KEY] else None
+        return json.loads(extra[DESCRIPTOR]) if extra[DESCRIPTOR] else None
     except (OSError, ValueError, RuntimeError):
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# model output folders (the descriptor itself is models/model_dir.py)
+
+def _random_check_images(teacher: InputSpec, n: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((n, *teacher.input_shape), generator=g)
+
+
+def save_model_dir(out_dir: str | Path, module: nn.Module, teacher: Teacher, created_by: str, arch: str | None,
+                   files_to_write: Iterable[str] = ("state_dict", "onnx"), check_images: torch.Tensor | None = None,
+                   *, opset: int = 17, atol: float = 1e-3, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``module`` in each of ``files_to_write`` into ``out_dir`` and then ``dfcompress.json``.
+
+    ``teacher`` supplies input shape, classes and preprocessing (the student inherits them) and its
+    sha256. ``check_images`` (normalised float NCHW) drive the export parity checks; without them a
+    fixed random batch is used. Returns the descriptor dict (with per-export parity under ``exports``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = list(dict.fromkeys(files_to_write))
+    unknown = [k for k in kinds if k not in FILE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown model file kind(s) {unknown}; known: {sorted(FILE_NAMES)}")
+    if "state_dict" in kinds and not arch:
+        raise ValueError("a state_dict is only loadable with its architecture name: pass arch or write pt2/onnx")
+    # an interrupted re-run must not leave an old descriptor pointing at half-replaced files
+    (out / DESCRIPTOR).unlink(missing_ok=True)
+    meta = model_metadata(teacher)
+    files: dict[str, str] = {}
+    exports: dict[str, Any] = {}
+    for kind in kinds:
+        name = FILE_NAMES[kind]
+        if kind == "state_dict":
+            # one metadata key: safetensors does not keep the order of several, so bytes would vary per process
+            st_meta = {"dfcompress": json.dumps({**meta, "arch": str(arch)}, sort_keys=True)}
+            atomic_write_bytes(out / name, state_dict_bytes(module, st_meta))
+        else:
+            images = check_images if check_images is not None else _random_check_images(teacher)
+            result = export_model(module, teacher, kind, out / name, images, opset=opset, atol=atol)
+            result["path"] = name
+            exports[kind] = result
+        files[kind] = name
+    return write_descriptor(out, teacher, created_by, files, arch=arch, exports=exports, extra=extra)
 
 
 from ._callable import make_callable  # noqa: E402 - must run once the module is complete
 
 make_callable(__name__, "export")
+

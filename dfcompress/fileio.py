@@ -113,12 +113,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_path)`` and atomically move the result onto ``path``."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
 REPORT_FILE = "report.json"  # written into every output folder (and wherever --report points)
 
 
@@ -149,6 +143,17 @@ def read_json_or_none(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_json_document(path: Path, missing: str, fix: str) -> Any:
+    """The parsed JSON file a finished run left; one-line UserErrors: ``missing`` when it is absent,
+    ``cannot read PATH: why; fix`` when it is unreadable (callers then check that it is theirs)."""
+    if not Path(path).is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; {fix}") from None
 
 
 def _json_default(o: Any) -> Any:

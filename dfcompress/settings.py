@@ -20,7 +20,9 @@ import yaml
 
 from .errors import UserError
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
+# the YAML files live in the repository's top-level profiles/ (users read and copy them there); dfcompress/profiles
+# links to it, and the wheel ships them as package data (tests/test_packaging.py builds one to check)
+PROFILE_DIR = (Path(__file__).parent / "profiles").resolve()
 
 
 def _f(default: Any, help: str = "", **rules: Any) -> Any:

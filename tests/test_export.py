@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dfcompress.errors import UserError
-from dfcompress.export import ExportParityError, export_model, onnx_session, read_export_metadata, run_onnx
-from dfcompress.models.model_dir import DESCRIPTOR, read_model_dir, save_model_dir
+from dfcompress.export import ExportParityError, export_model, onnx_session, read_export_metadata, run_onnx, save_model_dir
+from dfcompress.models.model_dir import DESCRIPTOR, read_model_dir
 from dfcompress.models.teacher import Teacher
 from dfcompress.models.zoo import create_model
 

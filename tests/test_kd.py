@@ -14,7 +14,8 @@ from torch.utils.data import Subset
 
 from compress_helpers import digits_as_synthetic_set, digits_teacher, digits_test_data, fast_settings
 from dfcompress.compress.distill import build_student, distill
-from dfcompress.compress.kd import CHECKPOINT, KDConfig, augment, kd_loss, train_kd
+from dfcompress.compress.kd import CHECKPOINT, KDConfig, augment, train_kd
+from dfcompress.distillation import kd_loss
 from dfcompress.data.synthetic import SyntheticSet
 from dfcompress.device import resolve_runtime
 from dfcompress.errors import UserError

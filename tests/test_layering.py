@@ -9,14 +9,14 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "dfcompress"
 LAYERS = [
-    {"errors", "fileio", "progress", "device", "settings", "__init__"},
+    {"errors", "fileio", "progress", "device", "settings", "seeds", "distillation", "__init__"},
     {"models"}, {"stats"}, {"data"}, {"inversion"},  # the runner writes its shards through data/synthetic.py
     {"export", "evaluate", "distributed"},  # compress trains with DDP, checks exports and evaluates students
     {"compress"}, {"report"}, {"pipeline", "demo", "api", "_callable"}, {"cli_common", "cli", "__main__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-KNOWN = [  # existing exceptions, each a lazy import: models/model_dir.py writes exports through export.py
-    ("models", "export"), ("export", "_callable"), ("evaluate", "_callable"),
+KNOWN = [  # existing exceptions, each a lazy import at the end of the module (export/evaluate become callable)
+    ("export", "_callable"), ("evaluate", "_callable"),
 ]
 
 

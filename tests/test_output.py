@@ -3,7 +3,6 @@ and a model folder as a complete MODEL for `eval` (input shape, mean/std from it
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

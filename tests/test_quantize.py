@@ -12,7 +12,8 @@ from compress_helpers import digits_as_synthetic_set, digits_teacher, digits_tes
 from dfcompress.compress.quantize import quantize
 from dfcompress.errors import UserError
 from dfcompress.export import onnx_session, run_onnx
-from dfcompress.models.model_dir import read_model_dir, save_model_dir
+from dfcompress.export import save_model_dir
+from dfcompress.models.model_dir import read_model_dir
 
 
 @pytest.fixture(scope="module")

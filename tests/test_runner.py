@@ -18,7 +18,8 @@ from torch import nn
 from dfcompress.data.synthetic import SyntheticSet, teacher_logits
 from dfcompress.device import resolve_runtime
 from dfcompress.errors import NumericalError, UserError
-from dfcompress.inversion.runner import finalize, shard_labels, stable_seed, synthesize
+from dfcompress.inversion.runner import finalize, shard_labels, synthesize
+from dfcompress.seeds import synthesis_seed
 from dfcompress.inversion.synthesizers.base import BatchResult, Synthesizer
 from dfcompress.models.teacher import Teacher
 from dfcompress.settings import Settings
@@ -120,7 +121,7 @@ def run(out, settings, teacher=None, synth=None, **kw):
 # -- helpers -------------------------------------------------------------------------------------
 
 def test_stable_seed_and_balanced_shard_labels():
-    assert stable_seed(7, 0, 1, 0) == stable_seed(7, 0, 1, 0) != stable_seed(7, 0, 1, 1)
+    assert synthesis_seed(7, 0, 1, 0) == synthesis_seed(7, 0, 1, 0) != synthesis_seed(7, 0, 1, 1)
     lab = shard_labels(7, 2, 8, 12, 4)
     assert sorted(lab.tolist()) == [0, 1, 2, 3] and torch.equal(lab, shard_labels(7, 2, 8, 12, 4))
 
@@ -213,10 +214,10 @@ def test_nan_batch_is_retried_with_a_new_seed(tmp_path):
     teacher = tiny_teacher()
     synth = PixelCE(teacher, settings.synthesize, CPU, fail_calls={1}, nan_images_calls={3})
     manifest, _ = run(tmp_path, settings, teacher, synth)
-    assert synth.calls == 4 and synth.seeds[0] == stable_seed(7, 0, 0, 0) and synth.seeds[1] == stable_seed(7, 0, 0, 1)
+    assert synth.calls == 4 and synth.seeds[0] == synthesis_seed(7, 0, 0, 0) and synth.seeds[1] == synthesis_seed(7, 0, 0, 1)
     assert [s["retries"] for s in manifest["shards"]] == [1, 1] and manifest["retries"] == 2
     side = json.loads((tmp_path / "shards" / "shard-00000.json").read_text())
-    assert side["retries"] == 1 and side["loss"]["batches"][0]["seed"] == stable_seed(7, 0, 0, 1)
+    assert side["retries"] == 1 and side["loss"]["batches"][0]["seed"] == synthesis_seed(7, 0, 0, 1)
     ds = SyntheticSet(tmp_path)
     assert all(torch.isfinite(ds[i][2]).all() for i in range(len(ds)))
 

@@ -8,15 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
+from ..data.real import LabelledImages
+from ..data.synthetic import SyntheticSet
+from ..device import Runtime
 from ..errors import UserError
+from ..models.teacher import Teacher
 from ..progress import log
-from .kd import derive_seed, dist_info, split_holdout, stack_images, train_kd
+from ..seeds import STUDENT_INIT, seeded_build, stream_seed
+from ..settings import Settings
+from .kd import dist_info, split_holdout, stack_images, train_kd
 
 
-def check_synthetic_set(dataset: Any, teacher: Any) -> None:
+def check_synthetic_set(dataset: SyntheticSet, teacher: Teacher) -> None:
     """The set must have been made for this teacher's input and classes (UserError otherwise)."""
     if tuple(dataset.input_shape) != tuple(teacher.input_shape):
         raise UserError(f"the synthetic set holds {tuple(dataset.input_shape)} images but the teacher takes {tuple(teacher.input_shape)}; synthesize a set from this teacher")
@@ -27,20 +32,19 @@ def check_synthetic_set(dataset: Any, teacher: Any) -> None:
         log(f"warning: the synthetic set was made by another teacher (sha256 {made_by[:12]}…, this one {teacher.sha256[:12]}…)")
 
 
-def build_student(name: str, teacher: Any, seed: int) -> tuple[str, nn.Module]:
+def build_student(name: str, teacher: Teacher, seed: int) -> tuple[str, nn.Module]:
     """(canonical name, freshly initialised zoo model) shaped for the teacher; init depends only on ``seed``."""
     from ..models.zoo import create_model, resolve_model_name
 
     canonical = resolve_model_name(name)
     c, h, w = (int(v) for v in teacher.input_shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 11))
-        student = create_model(canonical, num_classes=int(teacher.num_classes), in_channels=c, input_size=h)
+    student = seeded_build(stream_seed(seed, STUDENT_INIT),
+                           lambda: create_model(canonical, num_classes=int(teacher.num_classes), in_channels=c, input_size=h))
     return canonical, student
 
 
-def distill(teacher: Any, student_name: Optional[str], synth_dir: str | Path, settings: Any, out_dir: str | Path,
-            runtime: Any, eval_data: Any = None, *, progress: Any = None) -> dict[str, Any]:
+def distill(teacher: Teacher, student_name: Optional[str], synth_dir: str | Path, settings: Settings, out_dir: str | Path,
+            runtime: Runtime, eval_data: Optional[LabelledImages] = None, *, progress: Any = None) -> dict[str, Any]:
     """Train ``student_name`` (default ``settings.distill.student``) by KD and write the model folder.
 
     Returns metrics: student/teacher params and MACs, agreement with the teacher on the held-out part
@@ -50,7 +54,7 @@ def distill(teacher: Any, student_name: Optional[str], synth_dir: str | Path, se
     from ..data.training_set import describe_sources
     from ..evaluate import agreement, module_logits, to_input, top1
     from ..models.introspect import count_macs, count_params
-    from ..models.model_dir import save_model_dir
+    from ..export import save_model_dir
 
     ds_settings = settings.distill
     shape = tuple(teacher.input_shape)

@@ -16,6 +16,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..models.teacher import Teacher
 
 IMPORTANCES = ("l1", "l2", "taylor", "hessian")
 DATA_DRIVEN = ("taylor", "hessian")
@@ -72,7 +73,7 @@ def _hessian_grads(model: nn.Module, batches: Batches, imp: Any) -> None:
         p.grad = acc[p] / count if p in acc else None
 
 
-def importance_batches(images01: Tensor, labels: Tensor, teacher: Any, batch_size: int = 64) -> list[tuple[Tensor, Tensor]]:
+def importance_batches(images01: Tensor, labels: Tensor, teacher: Teacher, batch_size: int = 64) -> list[tuple[Tensor, Tensor]]:
     """(normalised input, labels) batches of ``images01`` for the data-driven importances."""
     x = teacher.normalize(images01.float())
     return [(x[i:i + batch_size], labels[i:i + batch_size].long()) for i in range(0, x.shape[0], batch_size)]

@@ -23,10 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ..device import Runtime
+from ..distillation import kd_loss
 from ..errors import NumericalError, UserError
 from ..fileio import atomic_write_bytes
 from ..progress import log
+from ..models.teacher import Teacher
+from ..seeds import HOLDOUT, KD_AUGMENT, KD_GLOBAL_RNG, seeded_generator, stream_seed
+from ..settings import DistillSettings, PruneSettings
 from .loader import LOADER, KDLoader, unit_images
+
+Section = DistillSettings | PruneSettings  # the settings a KD run reads (prune has no optimizer/augmentation)
 
 CHECKPOINT = "kd-checkpoint.pt"
 CHECKPOINT_FORMAT = "dfcompress-kd/1"
@@ -47,7 +54,7 @@ class KDConfig:
     flip: bool = False
 
     @classmethod
-    def from_section(cls, section: Any, fallback: Any = None) -> "KDConfig":
+    def from_section(cls, section: Section, fallback: Optional[Section] = None) -> "KDConfig":
         """Fields the section lacks (PruneSettings has no optimizer or augmentation) come from ``fallback``."""
         values = {}
         for name in cls.__dataclass_fields__:
@@ -77,7 +84,7 @@ def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
     return b
 
 
-def wrap_model(student: nn.Module, runtime: Any) -> nn.Module:
+def wrap_model(student: nn.Module, runtime: Runtime) -> nn.Module:
     """DistributedDataParallel (BatchNorm synchronised across ranks) when a process group exists, the
     module itself otherwise. Train through the result; ``student`` keeps its own layers and tensors."""
     if dist_info()[1] > 1:
@@ -94,12 +101,6 @@ def _barrier() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # pieces
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, epoch, rank, purpose)."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int = 0, world_size: int = 1) -> Tensor:
@@ -125,14 +126,6 @@ def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int
         mask = (torch.rand(total, generator=g) < 0.5)[pick].to(x01.device)[:, None, None, None]
         out = torch.where(mask, out.flip(3), out)
     return out
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton et al. 2015: KL(p_T || q_T) × T² (batch mean), computed in fp32."""
-    t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
 
 
 def make_optimizer(student: nn.Module, cfg: KDConfig) -> torch.optim.Optimizer:
@@ -187,9 +180,9 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
 # the loop
 
 
-def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_section: Any, runtime: Any,
+def train_kd(student: nn.Module, teacher: Teacher, dataset: Dataset, settings_section: Section, runtime: Runtime,
              checkpoint_dir: Path, epochs: int, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
-             seed: int = 0, progress: Any = None, fallback_section: Any = None, desc: str = "KD") -> dict[str, Any]:
+             seed: int = 0, progress: Any = None, fallback_section: Optional[Section] = None, desc: str = "KD") -> dict[str, Any]:
     """Train ``student`` in place to match ``teacher`` on ``dataset`` (items ``(image01, label, logits)``).
 
     ``settings_section`` is a KDConfig or a settings section (DistillSettings, PruneSettings; missing
@@ -229,12 +222,12 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
     task = progress.add_task(desc, total=max(0, epochs - start) * steps, info="") if progress is not None else None
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        g_aug = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, 0))  # one stream for all ranks (augment picks)
+        g_aug = seeded_generator(stream_seed(seed, epoch, 0, KD_AUGMENT))  # one stream for all ranks (augment picks)
         lr0 = opt.param_groups[0]["lr"]
         devices = [runtime.device] if runtime.device.type == "cuda" else []
         # dropout etc. draw from the global RNG: seed it per epoch, and leave the caller's state untouched
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(seed, epoch, rank, 1))
+            torch.manual_seed(stream_seed(seed, epoch, rank, KD_GLOBAL_RNG))
             loss_sum, count = _run_epoch(model, teacher, teacher_module, loader.epoch(epoch), opt, sched, scaler, runtime, cfg, g_aug,
                                          epoch, progress, task, rank, world)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, count), "lr": lr0}
@@ -263,8 +256,8 @@ def train_kd(student: nn.Module, teacher: Any, dataset: Dataset, settings_sectio
             "seconds": round(time.perf_counter() - t_start, 3), "config": asdict(cfg)}
 
 
-def _run_epoch(model: nn.Module, teacher: Any, teacher_module: nn.Module, batches: Iterator, opt, sched, scaler,
-               runtime: Any, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any,
+def _run_epoch(model: nn.Module, teacher: Teacher, teacher_module: nn.Module, batches: Iterator, opt, sched, scaler,
+               runtime: Runtime, cfg: KDConfig, g_aug: torch.Generator, epoch: int, progress: Any, task: Any,
                rank: int = 0, world: int = 1) -> tuple[float, int]:
     model.train()
     loss_sum, count = 0.0, 0
@@ -301,7 +294,7 @@ def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
     k = int(round(n * fraction))
     if fraction <= 0 or k == 0 or n - k < 1:
         return dataset, None
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 7))).tolist()
+    perm = torch.randperm(n, generator=seeded_generator(stream_seed(seed, HOLDOUT))).tolist()
     return Subset(dataset, sorted(perm[k:])), Subset(dataset, sorted(perm[:k]))
 
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from ..seeds import EPOCH_ORDER, seeded_generator, stream_seed
+
 MIX = 4  # shards shuffled together
 PREFETCH = 2  # batches made ahead of the training step
 LOADER = "shard-windows/1"  # recorded in KD checkpoints: another order would break bit-exact resume
@@ -30,9 +32,8 @@ LOADER = "shard-windows/1"  # recorded in KD checkpoints: another order would br
 def epoch_order(groups: list[list[int]], seed: int, epoch: int, mix: int = MIX) -> list[int]:
     """One permutation of all positions in ``groups`` (one group per shard): shuffled shard order,
     windows of ``mix`` shards, each window's positions shuffled. Depends only on (seed, epoch)."""
-    from .kd import derive_seed
 
-    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 3))
+    g = seeded_generator(stream_seed(seed, epoch, EPOCH_ORDER))
     shards = torch.randperm(len(groups), generator=g).tolist()
     order: list[int] = []
     for w in range(0, len(shards), mix):

@@ -19,7 +19,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import UserError
+from ..data.real import LabelledImages
+from ..device import Runtime
+from ..errors import UserError, describe_exception
+from ..models.teacher import Teacher
+from ..settings import Settings
 from ..progress import log
 from ..models.zoo import customized_pruners
 from .importance import DATA_DRIVEN, Batches, importance_batches, make_importance
@@ -88,8 +92,7 @@ class _Broken(Exception):
     @classmethod
     def of(cls, exc: BaseException) -> "_Broken":
         """The failure in one short line: exception type and the first line of its message."""
-        text = str(exc)
-        return cls(f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}")
+        return cls(describe_exception(exc))
 
 
 def _make_pruner(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
@@ -228,15 +231,15 @@ def search_ratio(model: nn.Module, example: torch.Tensor, measure: Callable[[nn.
 # the stage
 
 
-def prune(teacher: Any, synth_dir: str | Path, settings: Any, out_dir: str | Path, runtime: Any,
-          eval_data: Any = None, *, progress: Any = None) -> dict[str, Any]:
+def prune(teacher: Teacher, synth_dir: str | Path, settings: Settings, out_dir: str | Path, runtime: Runtime,
+          eval_data: Optional[LabelledImages] = None, *, progress: Any = None) -> dict[str, Any]:
     """Prune ``teacher``, fine-tune it by KD on ``synth_dir``, write the model folder; returns metrics."""
     from ..data.synthetic import SyntheticSet
     from ..data.training_set import describe_sources
     from ..evaluate import agreement, module_logits, to_input, top1
     from ..export import cpu_copy
     from ..models.introspect import count_macs, count_params
-    from ..models.model_dir import save_model_dir
+    from ..export import save_model_dir
     from .distill import check_synthetic_set
     from .kd import KDConfig, dist_info, split_holdout, stack_images, train_kd
 

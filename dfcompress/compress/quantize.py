@@ -17,9 +17,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..data.real import LabelledImages
+from ..data.synthetic import SyntheticSet
+from ..errors import UserError, describe_exception
+from ..models.teacher import InputSpec
 from ..fileio import atomic_path, atomic_write_bytes
 from ..progress import log
+from ..seeds import CALIBRATION_SPLIT, seeded_generator, stream_seed
+from ..settings import Settings
 
 CALIB_BATCH = 16
 HOLDOUT_MAX = 1024
@@ -39,7 +44,7 @@ class Preprocessing:
     sha256: Optional[str] = None
 
 
-def resolve_onnx(model: str | Path, reference: Any = None) -> tuple[Path, Any, dict]:
+def resolve_onnx(model: str | Path, reference: Optional[InputSpec] = None) -> tuple[Path, InputSpec, dict]:
     """(onnx file, preprocessing, source descriptor) for an .onnx file or a model folder."""
     from ..export import read_export_metadata
     from ..models.model_dir import DESCRIPTOR, read_model_dir
@@ -71,7 +76,7 @@ def resolve_onnx(model: str | Path, reference: Any = None) -> tuple[Path, Any, d
 class SyntheticCalibrationReader:
     """onnxruntime CalibrationDataReader streaming normalised synthetic images in small batches."""
 
-    def __init__(self, dataset: Any, indices: Sequence[int], like: Any, input_name: str, batch_size: int = CALIB_BATCH):
+    def __init__(self, dataset: SyntheticSet, indices: Sequence[int], like: InputSpec, input_name: str, batch_size: int = CALIB_BATCH):
         self.dataset, self.indices, self.like = dataset, list(indices), like
         self.input_name, self.batch_size = input_name, batch_size
         self._pos = 0
@@ -112,9 +117,8 @@ def _as_reader(reader: Any):
 
 def _split(n: int, calibration_images: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeded (calibration, held-out) indices; at least a quarter of a small set stays held out."""
-    from .kd import derive_seed
 
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 13))).tolist()
+    perm = torch.randperm(n, generator=seeded_generator(stream_seed(seed, CALIBRATION_SPLIT))).tolist()
     n_cal = min(calibration_images, n - max(1, n // 4)) if n >= 2 else n
     if n_cal < calibration_images:
         log(f"quantize: calibrating on {n_cal} of {n} synthetic images so that {n - n_cal} stay held out for the agreement check")
@@ -150,8 +154,8 @@ def static_qdq(source: str | Path, target: str | Path, reader: Any, *, per_chann
     )
 
 
-def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, out_dir: str | Path,
-             eval_data: Any = None, reference: Any = None) -> dict[str, Any]:
+def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Settings, out_dir: str | Path,
+             eval_data: Optional[LabelledImages] = None, reference: Optional[InputSpec] = None) -> dict[str, Any]:
     """INT8 (QDQ, static) ``out_dir/model.onnx`` + ``calib.npz`` + descriptor; returns before → after metrics.
 
     ``model_onnx_path`` is an .onnx file or a model folder; ``reference`` (a Teacher) supplies the
@@ -161,8 +165,8 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
     from ..data.synthetic import SyntheticSet
     from ..data.training_set import describe_sources
     from ..evaluate import agreement, onnx_logits, top1
-    from ..export import META_KEY, model_metadata, onnx_session, set_onnx_metadata
-    from ..models.model_dir import DESCRIPTOR, write_descriptor
+    from ..export import onnx_session, set_onnx_metadata
+    from ..models.model_dir import DESCRIPTOR, model_metadata, write_descriptor
 
     qs = settings.quantize
     fp32_file, like, src_desc = resolve_onnx(model_onnx_path, reference)
@@ -188,7 +192,7 @@ def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Any, 
             static_qdq(source, target, reader, per_channel=qs.per_channel, calibrate_method=qs.calibrate_method,
                        symmetric_activations=qs.symmetric_activations)
             proto = onnx.load(str(target))
-            set_onnx_metadata(proto, META_KEY, json.dumps(model_metadata(like)))
+            set_onnx_metadata(proto, DESCRIPTOR, json.dumps(model_metadata(like)))
             onnx.save(proto, str(target))
             onnx_session(target, prefer_cuda=False)  # the INT8 file must load before it replaces anything
 
@@ -227,5 +231,5 @@ def _preprocess(src: Path, dst: Path) -> Path:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         return dst
     except Exception as exc:  # noqa: BLE001 - optional step; quantize_static works without it
-        log(f"quantize: pre-processing skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+        log(f"quantize: pre-processing skipped ({describe_exception(exc, 120)})")
         return src

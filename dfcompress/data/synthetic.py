@@ -10,7 +10,6 @@ set is complete.
 from __future__ import annotations
 
 import bisect
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 from .. import __version__
 from ..device import place
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from ..fileio import atomic_write_bytes, atomic_write_json, read_json_document, sha256_bytes, sha256_file
 from ..models.teacher import Teacher
 
 FORMAT = "dfcompress-synthetic/1"
@@ -173,12 +172,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = d / MANIFEST
     if not d.is_dir():
         raise UserError(f"synthetic set {d} not found; create it with `dfcompress synthesize MODEL -o {d}`")
-    if not path.is_file():
-        raise UserError(f"{d} has no manifest.json, so it is not a finished synthetic set; re-run the same `dfcompress synthesize` command to resume it")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}; re-run `dfcompress synthesize` to rebuild the set") from None
+    manifest = read_json_document(path, f"{d} has no manifest.json, so it is not a finished synthetic set; re-run the same "
+                                  "`dfcompress synthesize` command to resume it", "re-run `dfcompress synthesize` to rebuild the set")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a dfcompress synthetic-set manifest (expected format {FORMAT!r})")
     return manifest

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..progress import log
+from ..seeds import MIX_DRAW, MIX_SHUFFLE, seeded_generator, stream_seed
 
 MIXED_METHOD = "mixed"
 MIXED_DIR = "training-set"
@@ -194,7 +195,6 @@ def build_training_set(teacher: Any, sources: Sequence[DataSource], out_dir: Pat
     share is recorded in the manifest under ``sources``.
     """
     from .synthetic import build_manifest, read_manifest, teacher_logits, write_manifest, write_shard
-    from ..compress.kd import derive_seed
 
     loaded = [_load(s, teacher) for s in sources]
     sizes = [int(item.images.shape[0]) for item in loaded]
@@ -216,7 +216,7 @@ def build_training_set(teacher: Any, sources: Sequence[DataSource], out_dir: Pat
     counts = counts_for(fractions, sum(sizes))
     images, labels, logits, records = [], [], [], []
     for i, (src, item, n) in enumerate(zip(sources, loaded, counts)):
-        idx = draw(sizes[i], n, derive_seed(seed, 17, i))
+        idx = draw(sizes[i], n, stream_seed(seed, MIX_DRAW, i))
         x = item.images[idx].contiguous()
         z = item.logits[idx] if item.logits is not None else teacher_logits(teacher, x, runtime)
         y = item.labels[idx] if item.labels is not None else z.argmax(1)
@@ -227,7 +227,7 @@ def build_training_set(teacher: Any, sources: Sequence[DataSource], out_dir: Pat
         log(f"training set: {src.path} ({src.kind}) -> {n} images, {n / sum(counts):.1%}"
             + ("" if n <= sizes[i] else f" (each of {sizes[i]} images used ~{n / sizes[i]:.1f}x)"))
     x, y, z = torch.cat(images), torch.cat(labels), torch.cat(logits)
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(derive_seed(seed, 18)))
+    perm = torch.randperm(x.shape[0], generator=seeded_generator(stream_seed(seed, MIX_SHUFFLE)))
     x, y, z = x[perm].contiguous(), y[perm].contiguous(), z[perm].contiguous()
     out.mkdir(parents=True, exist_ok=True)
     entries = [write_shard(out, k, x[s:s + SHARD_SIZE], y[s:s + SHARD_SIZE], z[s:s + SHARD_SIZE], teacher.num_classes)

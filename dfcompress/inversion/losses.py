@@ -182,9 +182,3 @@ def info_nce(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, target)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    p_t = F.softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t

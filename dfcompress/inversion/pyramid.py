@@ -63,10 +63,6 @@ class FeatureTransferPyramid(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(c, c, 1)
 
-    @property
-    def stage_names(self) -> list[str]:
-        return [s.name for s in self.stages]
-
     def forward(self, g: Tensor, features: Sequence[Tensor]) -> Tensor:
         """``g`` = G(z|y); ``features`` = [f_1..f_N] of the teacher on g (high -> low resolution)."""
         m: Tensor | None = None

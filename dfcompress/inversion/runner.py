@@ -37,6 +37,7 @@ from ..fileio import (atomic_path, atomic_write_json, atomic_write_text, read_js
 from ..models.teacher import Teacher
 from ..progress import log
 from ..progress import progress as progress_ctx
+from ..seeds import SHARD_LABELS, seeded_generator, synthesis_seed
 from ..settings import Settings
 from .synthesizers.base import BatchResult, Synthesizer
 from .synthesizers.fast_ni import FAST_METHOD
@@ -52,12 +53,6 @@ LABEL_RULE = "image i has class i % K (balanced), shuffled within its shard"
 
 # -- pure helpers --------------------------------------------------------------------------------
 
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from a stable hash of ``parts`` (Python's ``hash()`` is salted per process)."""
-    digest = hashlib.sha256("/".join(str(p) for p in ("dfcompress",) + parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
-
-
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     """Shard k covers global image indices [k*S, min(N, (k+1)*S))."""
     return [(s, min(num_images, s + shard_size)) for s in range(0, num_images, shard_size)]
@@ -66,7 +61,7 @@ def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
 def shard_labels(seed: int, index: int, start: int, stop: int, num_classes: int) -> torch.Tensor:
     """Balanced labels (global image i -> class i % K), shuffled within the shard by (seed, index)."""
     labels = torch.arange(start, stop, dtype=torch.int64) % num_classes
-    g = torch.Generator().manual_seed(stable_seed(seed, "labels", index))
+    g = seeded_generator(synthesis_seed(seed, SHARD_LABELS, index))
     return labels[torch.randperm(stop - start, generator=g)]
 
 
@@ -203,7 +198,7 @@ def _make_batch(synth: Synthesizer, labels: torch.Tensor, seed: int, k: int, b: 
     """Run one batch, retrying with a new seed on NaN/inf; returns (result, attempts used - 1, seed used)."""
     last = None
     for attempt in range(max_retries + 1):
-        batch_seed = stable_seed(seed, k, b, attempt)
+        batch_seed = synthesis_seed(seed, k, b, attempt)
         try:
             res = synth.synthesize_batch(labels, batch_seed, on_step)
             if not torch.isfinite(res.images01).all():

@@ -24,6 +24,7 @@ from .formats.pickled import as_module, loaded_pickled_module, safe_torch_load
 from .formats.heads import to_logits
 from .formats.probe import probe_forward, resolve_input_shape, validate_input_shape
 from .formats.state_dict import build_from_state_dict, load_safetensors, unwrap_state_dict
+from .model_dir import DESCRIPTOR
 from .teacher import Teacher, check_preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -113,7 +114,7 @@ def _load_folder(folder: Path, *, arch, allow_pickle, mean, std, num_classes, in
     kind, file = pick_model_file(folder, desc, arch)
     inner = detect.detect_format(file)
     if kind == "state_dict" and inner not in (detect.SAFETENSORS, detect.CHECKPOINT, detect.PICKLE):
-        raise UserError(f"{file} is listed as a state_dict in {folder / detect.DESCRIPTOR} but is a {inner} file")
+        raise UserError(f"{file} is listed as a state_dict in {folder / DESCRIPTOR} but is a {inner} file")
     loaded = read_model(file, inner, arch=arch or meta.get("arch"), allow_pickle=allow_pickle,
                         num_classes=num_classes or meta.get("num_classes"), input_shape=input_shape,
                         metadata_shape=meta.get("input_shape"))

@@ -1,23 +1,27 @@
 """Model output folders: the weights/exports a command produced plus the ``dfcompress.json`` descriptor.
 
+This module reads folders and writes the descriptor; writing the model files themselves (with their
+parity checks) is ``export.save_model_dir``, one layer up.
+
 The descriptor is what lets the next command take the folder as its MODEL (``distill -o s`` then
 ``quantize s``), so it carries the preprocessing and classes along with the file names. It is written
 last, after every file it names passed its parity check: its presence means the folder is complete.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import torch
 from torch import nn
 
 from .. import __version__
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_json, read_json_document
+from .teacher import InputSpec
 
-DESCRIPTOR = "dfcompress.json"
+DESCRIPTOR = "dfcompress.json"  # a model folder's descriptor file, and the metadata key inside every exported file
+INPUT_NAME = "input"  # graph input / output names of every exported file
+OUTPUT_NAME = "logits"
 FILE_NAMES = {
     "state_dict": "model.safetensors",
     "pt2": "model.pt2",
@@ -35,55 +39,22 @@ def state_dict_bytes(module: nn.Module, metadata: dict[str, str] | None = None) 
     return save(tensors, metadata=metadata)
 
 
-def _random_check_images(teacher: Any, n: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn((n, *teacher.input_shape), generator=g)
+def model_metadata(teacher: InputSpec) -> dict[str, Any]:
+    """What a consumer of a bare exported file needs to feed it (embedded in every export)."""
+    return {
+        "input_shape": [int(v) for v in teacher.input_shape],
+        "num_classes": int(teacher.num_classes),
+        "mean": [float(v) for v in teacher.mean],
+        "std": [float(v) for v in teacher.std],
+        "class_names": list(teacher.class_names) if getattr(teacher, "class_names", None) else None,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+    }
 
 
-def save_model_dir(out_dir: str | Path, module: nn.Module, teacher: Any, created_by: str, arch: str | None,
-                   files_to_write: Iterable[str] = ("state_dict", "onnx"), check_images: torch.Tensor | None = None,
-                   *, opset: int = 17, atol: float = 1e-3, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``module`` in each of ``files_to_write`` into ``out_dir`` and then ``dfcompress.json``.
-
-    ``teacher`` supplies input shape, classes and preprocessing (the student inherits them) and its
-    sha256. ``check_images`` (normalised float NCHW) drive the export parity checks; without them a
-    fixed random batch is used. Returns the descriptor dict (with per-export parity under ``exports``).
-    """
-    from ..export import export_model, model_metadata
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kinds = list(dict.fromkeys(files_to_write))
-    unknown = [k for k in kinds if k not in FILE_NAMES]
-    if unknown:
-        raise ValueError(f"unknown model file kind(s) {unknown}; known: {sorted(FILE_NAMES)}")
-    if "state_dict" in kinds and not arch:
-        raise ValueError("a state_dict is only loadable with its architecture name: pass arch or write pt2/onnx")
-    # an interrupted re-run must not leave an old descriptor pointing at half-replaced files
-    (out / DESCRIPTOR).unlink(missing_ok=True)
-    meta = model_metadata(teacher)
-    files: dict[str, str] = {}
-    exports: dict[str, Any] = {}
-    for kind in kinds:
-        name = FILE_NAMES[kind]
-        if kind == "state_dict":
-            # one metadata key: safetensors does not keep the order of several, so bytes would vary per process
-            st_meta = {"dfcompress": json.dumps({**meta, "arch": str(arch)}, sort_keys=True)}
-            atomic_write_bytes(out / name, state_dict_bytes(module, st_meta))
-        else:
-            images = check_images if check_images is not None else _random_check_images(teacher)
-            result = export_model(module, teacher, kind, out / name, images, opset=opset, atol=atol)
-            result["path"] = name
-            exports[kind] = result
-        files[kind] = name
-    return write_descriptor(out, teacher, created_by, files, arch=arch, exports=exports, extra=extra)
-
-
-def write_descriptor(out_dir: str | Path, teacher: Any, created_by: str, files: dict[str, str], *, arch: str | None = None,
+def write_descriptor(out_dir: str | Path, teacher: InputSpec, created_by: str, files: dict[str, str], *, arch: str | None = None,
                      exports: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``dfcompress.json`` for files already in ``out_dir`` (call it last); returns the dict."""
-    from ..export import model_metadata
-
     meta = model_metadata(teacher)
     descriptor: dict[str, Any] = {
         "kind": "model",
@@ -108,12 +79,8 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
     """The descriptor of a finished model folder, with every named file checked to exist."""
     d = Path(path)
     desc_path = d / DESCRIPTOR
-    if not desc_path.is_file():
-        raise UserError(f"{d} has no {DESCRIPTOR}: it is not a finished dfcompress model folder; re-run the command that makes it")
-    try:
-        desc = json.loads(desc_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {desc_path}: {exc}; re-run the command that made {d}") from None
+    desc = read_json_document(desc_path, f"{d} has no {DESCRIPTOR}: it is not a finished dfcompress model folder; re-run the command that makes it",
+                              f"re-run the command that made {d}")
     if not isinstance(desc, dict) or desc.get("kind") != "model" or not isinstance(desc.get("files"), dict):
         raise UserError(f"{desc_path} is not a dfcompress model descriptor (expected kind 'model' and 'files')")
     for kind, name in desc["files"].items():

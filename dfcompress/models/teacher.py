@@ -6,10 +6,19 @@ colours if you guess), so it travels with the module through every stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
+
+
+class InputSpec(Protocol):
+    """What feeding a model needs (a Teacher, or the preprocessing a bare ONNX file records)."""
+
+    input_shape: Sequence[int]
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
 
 
 @dataclass

@@ -54,7 +54,8 @@ def test_nan_batch_is_retried_with_a_new_seed_reported_and_never_written(in_tmp:
     some batch seeds diverge and their retries (new seeds) do not. 1e3 never diverges, 1e30 always does."""
     from dfcompress.device import resolve_runtime
     from dfcompress.errors import NumericalError
-    from dfcompress.inversion.runner import shard_labels, shard_ranges, stable_seed
+    from dfcompress.inversion.runner import shard_labels, shard_ranges
+    from dfcompress.seeds import synthesis_seed
     from dfcompress.inversion.synthesizers import build_synthesizer
     from dfcompress.models.embedded import embedded_teacher
     from dfcompress.settings import resolve_settings
@@ -94,13 +95,13 @@ def test_nan_batch_is_retried_with_a_new_seed_reported_and_never_written(in_tmp:
         side = json.loads((out / "shards" / f"shard-{k:05d}.json").read_text())
         for batch in side["loss"]["batches"]:
             r = batch["retries"]
-            assert batch["seed"] == stable_seed(0, k, batch["batch"], r)
+            assert batch["seed"] == synthesis_seed(0, k, batch["batch"], r)
             assert all(v is None or v == v for v in batch["final"].values())
             if r == 0:
                 continue
             labels = shard_labels(0, k, start, stop, teacher.num_classes)
             with pytest.raises(NumericalError):
-                synth.synthesize_batch(labels, stable_seed(0, k, batch["batch"], 0))
+                synth.synthesize_batch(labels, synthesis_seed(0, k, batch["batch"], 0))
             result = synth.synthesize_batch(labels, batch["seed"])
             from safetensors.torch import load_file
 

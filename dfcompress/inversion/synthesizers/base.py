@@ -27,6 +27,7 @@ import torch
 from ...device import Runtime
 from ...models.teacher import Teacher
 from ...settings import SynthesizeSettings
+from ...stats.store import FeatureStats
 
 StepCallback = Callable[[int, dict[str, float]], None]
 State = dict[str, Any]   # nested dicts/lists of tensors and scalars (the runner persists it as safetensors)
@@ -44,7 +45,7 @@ class Synthesizer(ABC):
 
     name: str = "base"
 
-    def __init__(self, teacher: Teacher, settings: SynthesizeSettings, runtime: Runtime, stats: Optional["FeatureStats"] = None):  # noqa: F821
+    def __init__(self, teacher: Teacher, settings: SynthesizeSettings, runtime: Runtime, stats: Optional[FeatureStats] = None):
         from .common import stat_targets
 
         self.teacher = teacher

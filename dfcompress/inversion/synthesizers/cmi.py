@@ -33,8 +33,8 @@ from .. import losses
 from ..augment import jitter_flip, random_resized_crop
 from ..generator import ConditionalGenerator
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, image_priors, record, seeded_module,
-                     to_pixels)
+from ...seeds import child_seed, seeded_build, seeded_generator
+from .common import BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, record, to_pixels
 
 
 def embedding_tap(module: nn.Module, input_shape: tuple[int, int, int]) -> tuple[str, str]:
@@ -123,15 +123,15 @@ class ContrastiveModelInversion(Synthesizer):
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
         s, rt = self.settings, self.runtime
         dev = rt.device
-        rng = torch.Generator().manual_seed(int(seed))
+        rng = seeded_generator(seed)
         labels_cpu = labels.detach().to("cpu", torch.long)
         y = labels_cpu.to(dev)
         b = y.shape[0]
         c, h, w = self.teacher.input_shape
         index = losses.ClassIndex(y)
 
-        gen = rt.prepare(seeded_module(derive_seed(rng), lambda: ConditionalGenerator(s.latent_dim, self.teacher.num_classes, c, h, w, base=s.generator_width)))
-        head_seed = derive_seed(rng)
+        gen = rt.prepare(seeded_build(child_seed(rng), lambda: ConditionalGenerator(s.latent_dim, self.teacher.num_classes, c, h, w, base=s.generator_width)))
+        head_seed = child_seed(rng)
         z = torch.randn(b, s.latent_dim, generator=rng).to(dev).requires_grad_(True)
         onehot = F.one_hot(y, self.teacher.num_classes).float()
 
@@ -144,7 +144,7 @@ class ContrastiveModelInversion(Synthesizer):
                     with torch.no_grad(), rt.autocast():
                         model(torch.zeros(1, c, h, w, device=dev))
                     dim = _flat(embed[self.embed_at[0]]).shape[1]
-                    self.head = rt.prepare(seeded_module(head_seed, lambda: ProjectionHead(dim, s.cmi_head_dim)))
+                    self.head = rt.prepare(seeded_build(head_seed, lambda: ProjectionHead(dim, s.cmi_head_dim)))
                 head = self.head
                 step = Stepper(rt, [
                     adam(gen.parameters(), lr=s.lr_generator),

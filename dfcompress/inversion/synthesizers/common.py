@@ -43,18 +43,6 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def derive_seed(generator: torch.Generator) -> int:
-    """A child seed drawn from the batch generator (for module initialisation)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
-
-
-def seeded_module(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build (and so initialise) a module on the CPU from ``seed`` without touching the global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 # ----------------------------------------------------------------------------------------------
 # feature-statistics term (BN running statistics or collected, possibly class-conditional, ones)
 

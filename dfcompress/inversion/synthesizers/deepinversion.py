@@ -22,14 +22,14 @@ from torch import nn
 from .. import losses
 from ..augment import jitter_flip
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record, seeded_module,
-                     to_pixels)
+from ...distillation import kd_loss
+from ...seeds import ADI_STUDENT_SEED, seeded_build, seeded_generator
+from .common import BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record, to_pixels
 
 LEARN_STEPS = 5          # KD steps on the student per synthesized batch
 LEARN_LR = 0.01
 LEARN_TEMPERATURE = 4.0
 JS_TEMPERATURE = 3.0     # DeepInversion's ADI temperature
-STUDENT_SEED = 0
 
 
 def default_student_name(input_size: int) -> str:
@@ -59,12 +59,12 @@ class DeepInversion(Synthesizer):
 
         c, h, w = self.teacher.input_shape
         name = self.settings.adi_student or default_student_name(max(h, w))
-        return seeded_module(STUDENT_SEED, lambda: create_model(name, num_classes=self.teacher.num_classes, in_channels=c, input_size=max(h, w)))
+        return seeded_build(ADI_STUDENT_SEED, lambda: create_model(name, num_classes=self.teacher.num_classes, in_channels=c, input_size=max(h, w)))
 
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
         s, rt = self.settings, self.runtime
         dev = rt.device
-        rng = torch.Generator().manual_seed(int(seed))
+        rng = seeded_generator(seed)
         y = labels.detach().to("cpu", torch.long).to(dev)
         b = y.shape[0]
         index = losses.ClassIndex(y)
@@ -137,7 +137,7 @@ class DeepInversion(Synthesizer):
                 self._student_opt.zero_grad(set_to_none=True)
                 with rt.autocast():
                     out = self.student(x)
-                loss = losses.kd_loss(out, t, LEARN_TEMPERATURE)
+                loss = kd_loss(out, t, LEARN_TEMPERATURE)
                 scaler.scale(loss).backward()
                 scaler.step(self._student_opt)
                 scaler.update()

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .base import BatchResult, StepCallback
-from .common import adam, derive_seed
+from ...seeds import child_seed, seeded_generator
+from .common import adam
 from .naturalinversion import NaturalInversion
 
 FAST_METHOD = "fast-ni"
@@ -54,16 +55,16 @@ class FastNaturalInversion(NaturalInversion):
 
     def _build_meta(self, seed: int) -> None:
         """The meta modules, initialised as NaturalInversion initialises a fresh batch's, from ``seed``."""
-        g = torch.Generator().manual_seed(int(seed))
-        parts: dict[str, nn.Module] = {"generator": self.build_generator(derive_seed(g))}
+        g = seeded_generator(seed)
+        parts: dict[str, nn.Module] = {"generator": self.build_generator(child_seed(g))}
         if self.use_pyramid and self.settings.meta_pyramid:
-            parts["pyramid"] = self.build_pyramid(derive_seed(g))
+            parts["pyramid"] = self.build_pyramid(child_seed(g))
         self.meta = self.runtime.prepare(nn.ModuleDict(parts))
         self.meta_opt = adam(self.meta.parameters(), lr=self.meta_lr, betas=META_BETAS)
 
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
-        rng = torch.Generator().manual_seed(int(seed))
-        meta_seed, pyramid_seed = derive_seed(rng), derive_seed(rng)
+        rng = seeded_generator(seed)
+        meta_seed, pyramid_seed = child_seed(rng), child_seed(rng)
         if self.meta is None:  # first batch of the run: its seed initialises the meta modules
             self._build_meta(meta_seed)
         assert self.meta is not None

@@ -33,8 +33,9 @@ from ..generator import ConditionalGenerator
 from ..pyramid import FeatureTransferPyramid, StageTaps
 from ..scaling import ChannelScaling
 from .base import BatchResult, StepCallback, Synthesizer
-from .common import (BestKeeper, adam, StatsTerm, Stepper, derive_seed, frozen, image_priors, pixel_bounds, record,
-                     seeded_module, straight_through_clamp, to_pixels)
+from ...seeds import child_seed, seeded_build, seeded_generator
+from .common import (BestKeeper, adam, StatsTerm, Stepper, frozen, image_priors, pixel_bounds, record,
+                     straight_through_clamp, to_pixels)
 
 
 # named profiler ranges (bench/speed.py --profile reads them); near-free when no profiler runs
@@ -54,18 +55,18 @@ class NaturalInversion(Synthesizer):
 
     def build_pyramid(self, seed: int) -> FeatureTransferPyramid:
         """A freshly initialised FTP for this teacher's stages."""
-        return seeded_module(seed, lambda: FeatureTransferPyramid(self.stages, tuple(self.teacher.input_shape)))
+        return seeded_build(seed, lambda: FeatureTransferPyramid(self.stages, tuple(self.teacher.input_shape)))
 
     def build_generator(self, seed: int) -> ConditionalGenerator:
         c, h, w = self.teacher.input_shape
-        return seeded_module(
+        return seeded_build(
             seed, lambda: ConditionalGenerator(self.settings.latent_dim, self.teacher.num_classes, c, h, w, base=self.settings.generator_width)
         )
 
     def synthesize_batch(self, labels: torch.Tensor, seed: int, on_step: Optional[StepCallback] = None) -> BatchResult:
-        rng = torch.Generator().manual_seed(int(seed))
-        gen = self.build_generator(derive_seed(rng))
-        ftp = self.build_pyramid(derive_seed(rng)) if self.use_pyramid else None
+        rng = seeded_generator(seed)
+        gen = self.build_generator(child_seed(rng))
+        ftp = self.build_pyramid(child_seed(rng)) if self.use_pyramid else None
         return self.optimise(gen, ftp, labels, rng, on_step)
 
     def optimise(self, gen: ConditionalGenerator, ftp: Optional[FeatureTransferPyramid], labels: torch.Tensor,

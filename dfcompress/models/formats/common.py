@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import UserError
+from ...errors import UserError, first_line
 
 
 @dataclass
@@ -23,13 +23,6 @@ class Loaded:
     class_names: list[str] | None = None
     default_input_size: int | None = None  # from the architecture, when known
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def first_line(exc: BaseException, limit: int = 160) -> str:
-    """One short line describing an exception (library tracebacks are not for users)."""
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def corrupted(label: str, what: str, exc: BaseException | None = None) -> UserError:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
-from .detect import DESCRIPTOR
+from ..model_dir import DESCRIPTOR
 
 PREFERENCE = ("state_dict", "pt2", "onnx")
 

@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 from ...errors import UserError
+from ..model_dir import DESCRIPTOR
 
-DESCRIPTOR = "dfcompress.json"
 
 # kinds returned by detect_format
 FOLDER = "folder"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line, metadata_fields
+from ...errors import UserError, first_line
+from ..model_dir import DESCRIPTOR
+from .common import Loaded, corrupted, metadata_fields
 from .fx_modules import free_batch, modularize
 from .pickled import pickle_refusal, safe_torch_load, unsafe_globals
 
@@ -88,7 +89,7 @@ def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:
 
 def load_pt2(path: Path, *, label: str, allow_pickle: bool) -> Loaded:
     vet_archive(path, allow_pickle=allow_pickle, label=label)
-    extra: dict[str, str] = {"dfcompress.json": ""}  # non-empty: torch.export.load replaces an empty dict
+    extra: dict[str, str] = {DESCRIPTOR: ""}  # non-empty: torch.export.load replaces an empty dict
     try:
         ep = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)
         original = ep.module()
@@ -108,7 +109,7 @@ def load_pt2(path: Path, *, label: str, allow_pickle: bool) -> Loaded:
         _check(original, module, tuple(shape[1:]), fixed, label)
     if fixed is not None:
         extra_info["exported_batch"] = fixed
-    raw_meta = extra.get("dfcompress.json")
+    raw_meta = extra.get(DESCRIPTOR)
     if raw_meta:
         try:
             fields.update(metadata_fields(json.loads(raw_meta)))

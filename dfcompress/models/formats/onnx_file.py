@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line, metadata_fields
+from ...errors import UserError, first_line
+from ..model_dir import DESCRIPTOR
+from .common import Loaded, corrupted, metadata_fields
 
 
 def _dims(value_info) -> list[int | None]:
@@ -55,11 +56,11 @@ def load_onnx(path: Path, *, label: str) -> Loaded:
     shape, classes, batch = graph_io(model)
     meta = {p.key: p.value for p in model.metadata_props}
     fields: dict = {}
-    if "dfcompress.json" in meta:
+    if DESCRIPTOR in meta:
         import json
 
         try:
-            fields = metadata_fields(json.loads(meta["dfcompress.json"]))
+            fields = metadata_fields(json.loads(meta[DESCRIPTOR]))
         except ValueError:
             fields = {}
     if shape is not None:

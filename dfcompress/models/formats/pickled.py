@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line
+from ...errors import UserError, describe_exception
+from .common import Loaded, corrupted
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 _OBJECT_OPS = {"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
@@ -116,7 +116,7 @@ def safe_torch_load(source: Path | bytes, *, allow_pickle: bool, label: str, wha
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{label} could not be unpickled even with --allow-pickle ({type(exc).__name__}: {first_line(exc)}); "
+        raise UserError(f"{label} could not be unpickled even with --allow-pickle ({describe_exception(exc)}); "
                         "the code that defined its classes may be missing, or the file is damaged") from None
 
 

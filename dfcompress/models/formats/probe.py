@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...errors import UserError
+from ...errors import UserError, describe_exception
 from ...progress import log
-from .common import first_conv_in_channels, first_line
+from .common import first_conv_in_channels
 from .heads import logits_like
 
 PROBE_SIZES = (32, 224, 28, 64, 8)
@@ -114,5 +114,5 @@ def probe_forward(forward: Callable[[torch.Tensor], object], shape: tuple[int, i
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"a test forward pass of {label} on a {list(x.shape)} input failed ({type(exc).__name__}: {first_line(exc)}); "
+        raise UserError(f"a test forward pass of {label} on a {list(x.shape)} input failed ({describe_exception(exc)}); "
                         "pass --input-shape C,H,W if the model expects another size") from None

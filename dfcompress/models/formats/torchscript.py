@@ -24,17 +24,17 @@ from unittest import mock
 import torch
 from torch import nn
 
-from ...errors import UserError
-from .common import Loaded, corrupted, first_line, metadata_fields
+from ...errors import UserError, first_line
+from ..model_dir import DESCRIPTOR
+from .common import Loaded, corrupted, metadata_fields
 from .probe import resolve_input_shape
 
-META_FILE = "dfcompress.json"
 PARITY_ATOL = 1e-4
 
 
 def read_torchscript(path: Path, label: str) -> tuple[torch.jit.ScriptModule, dict]:
     """The ScriptModule (eval, CPU, float) and its ``dfcompress.json`` extra file as a dict ({} if absent)."""
-    extra = {META_FILE: ""}
+    extra = {DESCRIPTOR: ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit deprecation notice: this is exactly the migration path
@@ -42,7 +42,7 @@ def read_torchscript(path: Path, label: str) -> tuple[torch.jit.ScriptModule, di
     except Exception as exc:  # RuntimeError from the C++ reader on damaged archives
         raise corrupted(label, "a TorchScript archive", exc) from None
     meta: dict = {}
-    raw = extra.get(META_FILE) or b""
+    raw = extra.get(DESCRIPTOR) or b""
     if raw:
         try:
             obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)

@@ -7,7 +7,7 @@ from typing import Any
 import onnx
 from torch import fx
 
-from ...errors import UserError
+from ...errors import UserError, first_line
 from . import runtime
 from .attrs import parse_attrs, tensor_from_proto
 from .builder import GraphBuilder
@@ -83,7 +83,7 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
         except UserError:
             raise
         except Exception as exc:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            detail = first_line(exc, 300)
             raise UserError(f"could not convert {info.label()} of {label}: {detail}") from exc
         for i, name in enumerate(node.output):
             if name and i < len(outputs):

@@ -11,12 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from ...errors import UserError
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+from ...errors import UserError, first_line
 
 
 def load_model(model: onnx.ModelProto | str | os.PathLike | bytes) -> tuple[onnx.ModelProto, str]:
@@ -28,7 +23,7 @@ def load_model(model: onnx.ModelProto | str | os.PathLike | bytes) -> tuple[onnx
         try:
             proto = onnx.load_from_string(bytes(model))
         except Exception as exc:
-            raise UserError(f"cannot parse the given bytes as an ONNX model ({_first_line(exc)})") from exc
+            raise UserError(f"cannot parse the given bytes as an ONNX model ({first_line(exc, 200)})") from exc
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
         label = str(path)
@@ -37,7 +32,7 @@ def load_model(model: onnx.ModelProto | str | os.PathLike | bytes) -> tuple[onnx
         try:
             proto = onnx.load(str(path))
         except Exception as exc:
-            raise UserError(f"cannot parse {path} as an ONNX model ({_first_line(exc)}); the file is truncated, corrupt or not ONNX") from exc
+            raise UserError(f"cannot parse {path} as an ONNX model ({first_line(exc, 200)}); the file is truncated, corrupt or not ONNX") from exc
     else:
         raise UserError(f"expected an ONNX path or onnx.ModelProto, got {type(model).__name__}")
     graph = proto.graph
