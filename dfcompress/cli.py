@@ -278,11 +278,13 @@ def distill(
     std: StdOpt = None, input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = None, report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None,
     overwrite: OverwriteOpt = False, json_out: JsonOpt = None,
+    mix: Annotated[Optional[str], typer.Option("--mix", help="KD augmentation: none | mixup | cutmix (the teacher labels the mixed images).")] = None,
 ) -> None:
     """Knowledge-distil the teacher into a zoo student on a synthetic set (re-running resumes)."""
     from .models.zoo import resolve_model_name
 
     settings = resolve(profile, {**_common_overrides(seed, device), "distill.student": student, "distill.epochs": epochs,
+                                 "distill.mix": mix,
                                  "synthesize.num_images": num_images, "synthesize.method": method,
                                  "synthesize.iterations": iterations, "synthesize.stats": stats_file}, dry_run, save_config)
     resolve_model_name(settings.distill.student)  # fail fast on a typo, before any long work

@@ -95,6 +95,7 @@ class DistillSettings:
     crop_padding: int = _f(4, "random-crop padding in pixels (0 disables)", min=0)
     flip: bool = _f(True, "random horizontal flip during training")
     export: bool = _f(True, "export the result to ONNX (checked with onnxruntime)")
+    mix: str = _f("none", "KD augmentation: mix each batch with a shuffled copy of itself (the teacher labels the mix); under torchrun the pairs stay within each rank's share", choices=["none", "mixup", "cutmix"])
     holdout: float = _f(0.1, "fraction of the synthetic set kept out of training to measure agreement with the teacher (distill and prune)", min=0.0, max=0.5)
 
 

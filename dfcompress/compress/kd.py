@@ -52,6 +52,7 @@ class KDConfig:
     schedule: str = "cosine"
     crop_padding: int = 0
     flip: bool = False
+    mix: str = "none"
 
     @classmethod
     def from_section(cls, section: Section, fallback: Optional[Section] = None) -> "KDConfig":
@@ -125,6 +126,32 @@ def augment(x01: Tensor, g: torch.Generator, padding: int, flip: bool, rank: int
     if flip:
         mask = (torch.rand(total, generator=g) < 0.5)[pick].to(x01.device)[:, None, None, None]
         out = torch.where(mask, out.flip(3), out)
+    return out
+
+
+def mix_batch(x: Tensor, g: torch.Generator, how: str, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Mixup or CutMix of the batch with a shuffled copy of itself (Beta(1, 1) = uniform mixing ratio).
+
+    The teacher labels the mixed images (KD queries it on the augmented batch), so mixing makes new
+    training points between synthetic images at no synthesis cost. Every rank draws the same numbers
+    (the global batch's), and pairs images within its own share: under DDP the pairs differ from
+    one process's, so with mixing on, DDP training is no longer identical to one-process training.
+    """
+    if how == "none":
+        return x
+    n, _, h, w = x.shape
+    total = n * world_size
+    order = torch.rand(total, generator=g)[rank * n:(rank + 1) * n].argsort().to(x.device)
+    lam = float(torch.rand(1, generator=g))
+    if how == "mixup":
+        return lam * x + (1.0 - lam) * x[order]
+    # cutmix: a box of area (1 - lam) from the partner, centred uniformly
+    cy, cx = (torch.rand(2, generator=g) * torch.tensor([h, w])).tolist()
+    bh, bw = h * (1.0 - lam) ** 0.5, w * (1.0 - lam) ** 0.5
+    y0, y1 = int(max(0, cy - bh / 2)), int(min(h, cy + bh / 2))
+    x0, x1 = int(max(0, cx - bw / 2)), int(min(w, cx + bw / 2))
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[order][:, :, y0:y1, x0:x1]
     return out
 
 
@@ -263,6 +290,7 @@ def _run_epoch(model: nn.Module, teacher: Teacher, teacher_module: nn.Module, ba
     loss_sum, count = 0.0, 0
     for step, (images, _labels, _logits) in enumerate(batches):
         x = augment(unit_images(images.to(runtime.device, non_blocking=True)), g_aug, cfg.crop_padding, cfg.flip, rank, world)
+        x = mix_batch(x, g_aug, cfg.mix, rank, world)
         x = runtime.tensor(teacher.normalize(x))
         with runtime.autocast():
             with torch.no_grad():
