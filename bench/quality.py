@@ -117,6 +117,7 @@ def budget_config(args) -> dict[str, Any]:
     if args.device:
         cfg["device"] = args.device
     cfg["batch"] = min(cfg["batch"], cfg["n"])
+    cfg["kd_mix"] = args.kd_mix
     cfg["fast_k"] = args.fast_k
     cfg["fast_overrides"] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fast_set)}
     # equal teacher passes: the (c) arm's images x iterations, spent K iterations per image
@@ -156,6 +157,7 @@ def make_settings(cfg: dict[str, Any], method: str, seed: int, key: str = "c"):
         "distill.epochs": cfg["kd_epochs"],
         "distill.batch_size": cfg["kd_batch"],
         "distill.lr": cfg["kd_lr"],
+        "distill.mix": cfg.get("kd_mix", "none"),
         "distill.holdout": 0.0,  # every arm trains on all N images; quality is judged on real test images
         "distill.export": True,
     })
@@ -485,6 +487,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="images of arms g, h, i (default: equal teacher passes to (c), N x iterations / K)")
     ap.add_argument("--fast-set", dest="fast_set", action="append", default=[], metavar="KEY=VALUE",
                     help="synthesize setting for the fast arms only (e.g. lambda_bn=2); repeatable")
+    ap.add_argument("--kd-mix", dest="kd_mix", choices=["none", "mixup", "cutmix"], default="none",
+                    help="KD augmentation in every arm (distill.mix); with --resume, re-distils kept synthetic sets")
     ap.add_argument("--curve", action="store_true", help="also distil on prefixes of (g)'s set (student top-1 vs teacher passes)")
     args = ap.parse_args(argv)
 
