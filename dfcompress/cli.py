@@ -138,7 +138,8 @@ def profiles(name: Annotated[Optional[str], typer.Argument(help="Profile to show
     if name is None:
         rows = [{"name": p, "path": str(profile_path(p)),
                  "description": str(read_profile(p).get("description", "")).strip().split("\n")[0]} for p in list_profiles()]
-        emit(rows, [f"{r['name']:10s} {r['description'][:100]}" for r in rows], json_out)
+        width = max((len(r["name"]) for r in rows), default=0)
+        emit(rows, [f"{r['name']:{width}s}  {r['description'][:100]}" for r in rows], json_out)
         return
     typer.echo(describe_profile(name).rstrip())  # YAML: readable by people and machines alike
 

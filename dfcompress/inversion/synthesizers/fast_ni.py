@@ -25,12 +25,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ...progress import log
 from .base import BatchResult, StepCallback
 from ...seeds import child_seed, seeded_generator
 from .common import adam
 from .naturalinversion import NaturalInversion
 
 FAST_METHOD = "fast-ni"
+MAX_USEFUL_STEPS = 50       # past this, K steps per batch cost what NaturalInversion's fresh start costs
 META_BETAS = (0.5, 0.999)   # Fast-DFKD's meta and inner Adam
 
 
@@ -41,6 +43,9 @@ class FastNaturalInversion(NaturalInversion):
 
     def __init__(self, teacher, settings, runtime, stats=None):
         super().__init__(teacher, settings, runtime, stats)
+        if settings.iterations > MAX_USEFUL_STEPS:
+            log(f"note: fast-ni adapts the meta-generator for --iterations {settings.iterations} steps per batch; it is "
+                f"meant for 2-20 (profile cifar10-fast: 10), so this run costs as much as NaturalInversion")
         self.meta: Optional[nn.ModuleDict] = None          # "generator" (+ "pyramid"), on the runtime device
         self.meta_opt: Optional[torch.optim.Optimizer] = None
         self._adapted: Optional[nn.ModuleDict] = None       # the last batch's adapted copy (reptile)
