@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ...progress import log
-from .base import BatchResult, StepCallback
 from ...seeds import child_seed, seeded_generator
+from .base import BatchResult, StepCallback
 from .common import adam
 from .naturalinversion import NaturalInversion
 
