@@ -6,7 +6,8 @@ library and writes a report. Nothing here computes anything a notebook user coul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from inspect import Parameter, Signature, signature
+from typing import Any, Callable, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -268,95 +269,108 @@ def _check_batch(batch_size: int, num_images: int) -> None:
 # distill / prune / quantize
 
 
+def _stage_options(
+    model: ModelArg = None, data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None,
+    eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False,
+    mean: MeanOpt = None, std: StdOpt = None, input_shape: InputSizeOpt = None, profile: ProfileOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, report: ReportOpt = None, dry_run: DryRunOpt = False,
+    save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False, json_out: JsonOpt = None,
+) -> None:
+    """The options of every compression stage (declared once, given to each command by ``stage_command``)."""
+
+
+def _training_options(epochs: EpochsOpt = None, method: MethodOpt = None, iterations: ItersOpt = None,
+                      stats_file: StatsOpt = None) -> None:
+    """distill and prune also train, and synthesize their set when no --data is given."""
+
+
+def stage_command(*groups: Callable[..., None]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the options of ``groups`` after MODEL and its own, as typer reads a signature.
+
+    The command takes its own options by name and the shared ones as ``**options``; typer sees one flat
+    signature (``__signature__`` and ``__annotations__``), so ``--help`` and parsing are unchanged.
+    """
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in signature(fn, eval_str=True).parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
+        shared = [p for g in groups for p in signature(g, eval_str=True).parameters.values()]
+        params = shared[:1] + own + shared[1:]  # MODEL stays the first argument
+        fn.__signature__ = Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+    return decorate
+
+
+def _training_overrides(o: dict) -> dict:
+    return {**_common_overrides(o["seed"], o["device"]), "synthesize.num_images": o["num_images"],
+            "synthesize.method": o["method"], "synthesize.iterations": o["iterations"], "synthesize.stats": o["stats_file"]}
+
+
 @app.command()
 @command
+@stage_command(_stage_options, _training_options)
 def distill(
-    model: ModelArg = None,
     student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student architecture from the zoo (e.g. resnet18, wrn_16_1).")] = None,
-    data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None, epochs: EpochsOpt = None,
-    eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None, method: MethodOpt = None, iterations: ItersOpt = None,
-    stats_file: StatsOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
-    std: StdOpt = None, input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = None, report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None,
-    overwrite: OverwriteOpt = False, json_out: JsonOpt = None,
     mix: Annotated[Optional[str], typer.Option("--mix", help="KD augmentation: none | mixup | cutmix (the teacher labels the mixed images).")] = None,
+    **o: Any,
 ) -> None:
     """Knowledge-distil the teacher into a zoo student on a synthetic set (re-running resumes)."""
     from .models.zoo import resolve_model_name
 
-    settings = resolve(profile, {**_common_overrides(seed, device), "distill.student": student, "distill.epochs": epochs,
-                                 "distill.mix": mix,
-                                 "synthesize.num_images": num_images, "synthesize.method": method,
-                                 "synthesize.iterations": iterations, "synthesize.stats": stats_file}, dry_run, save_config)
+    settings = resolve(o["profile"], {**_training_overrides(o), "distill.student": student, "distill.epochs": o["epochs"],
+                                      "distill.mix": mix}, o["dry_run"], o["save_config"])
     resolve_model_name(settings.distill.student)  # fail fast on a typo, before any long work
-    if not data:
-        _check_batch(settings.synthesize.batch_size, settings.synthesize.num_images)
-    _run_stage("distill", model, (arch, allow_pickle, mean, std, input_shape), settings, data=data, output=output,
-               eval_data=eval_data, max_drop=max_drop, report=report, overwrite=overwrite, json_out=json_out)
+    _run_stage("distill", settings, o)
 
 
 @app.command()
 @command
+@stage_command(_stage_options, _training_options)
 def prune(
-    model: ModelArg = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", help="Fraction removed: of channels per layer (default), or of params/MACs with --target.")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="What --ratio measures: channels | params | macs.")] = None,
     global_pruning: Annotated[Optional[bool], typer.Option("--global/--local", help="Rank channels across all layers instead of per layer.")] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N (edge hardware).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="Channel ranking: l1 (default) | l2 | taylor | hessian (gradients on the training set).")] = None,
-    data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None, epochs: EpochsOpt = None,
-    eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None, method: MethodOpt = None, iterations: ItersOpt = None,
-    stats_file: StatsOpt = None, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None,
-    std: StdOpt = None, input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = None, report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None,
-    overwrite: OverwriteOpt = False, json_out: JsonOpt = None,
+    **o: Any,
 ) -> None:
     """L1-norm structured channel pruning (torch-pruning), then KD fine-tuning on the synthetic set."""
-
-    settings = resolve(profile, {**_common_overrides(seed, device), "prune.ratio": ratio, "prune.target": target,
-                                 "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.epochs": epochs,
-                                 "prune.importance": importance,
-                                 "synthesize.num_images": num_images, "synthesize.method": method,
-                                 "synthesize.iterations": iterations, "synthesize.stats": stats_file}, dry_run, save_config)
-    if not data:
-        _check_batch(settings.synthesize.batch_size, settings.synthesize.num_images)
-    _run_stage("prune", model, (arch, allow_pickle, mean, std, input_shape), settings, data=data, output=output,
-               eval_data=eval_data, max_drop=max_drop, report=report, overwrite=overwrite, json_out=json_out)
+    settings = resolve(o["profile"], {**_training_overrides(o), "prune.ratio": ratio, "prune.target": target,
+                                      "prune.global_pruning": global_pruning, "prune.round_to": round_to,
+                                      "prune.epochs": o["epochs"], "prune.importance": importance},
+                       o["dry_run"], o["save_config"])
+    _run_stage("prune", settings, o)
 
 
-def _run_stage(name: str, model: Optional[str], load_args: tuple, settings: Settings, *, data: Optional[str],
-               output: Optional[Path], eval_data: Optional[str], max_drop: Optional[float], report: Optional[Path],
-               overwrite: bool, json_out: Optional[bool]) -> None:
+def _run_stage(name: str, settings: Settings, o: dict) -> None:
     """distill/prune/quantize: flags -> settings -> the orchestrator; the summary follows the output rules."""
     from .compress.stages import STAGES
     from .pipeline import StageRequest, run_stage
 
-    req = StageRequest(settings, lambda s: load_model(model, *load_args, settings=s), model=model, data=data,
-                       eval_data=eval_data, output=output, max_drop=max_drop, overwrite=overwrite, report=report)
-    run_stage(STAGES[name], req, summary=lambda r: emit(r.summary(), stage_summary(r), json_out))
+    if not o["data"] and name != "quantize":
+        _check_batch(settings.synthesize.batch_size, settings.synthesize.num_images)
+    model, load_args = o["model"], (o["arch"], o["allow_pickle"], o["mean"], o["std"], o["input_shape"])
+    req = StageRequest(settings, lambda s: load_model(model, *load_args, settings=s), model=model, data=o["data"],
+                       eval_data=o["eval_data"], output=o["output"], max_drop=o["max_drop"], overwrite=o["overwrite"],
+                       report=o["report"])
+    run_stage(STAGES[name], req, summary=lambda r: emit(r.summary(), stage_summary(r), o["json_out"]))
 
 
 @app.command()
 @command
+@stage_command(_stage_options)
 def quantize(
-    model: ModelArg = None, data: SynthDataOpt = None, num_images: NumImagesOpt = None, output: OutDirOpt = None,
-    eval_data: EvalDataOpt = None, max_drop: MaxDropOpt = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", help="Synthetic images used for calibration.")] = None,
     calibrate_method: Annotated[Optional[str], typer.Option("--calibrate-method", help="Activation range estimator: minmax | entropy | percentile.")] = None,
     per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel (default) or one per tensor.")] = None,
     symmetric_activations: Annotated[Optional[bool], typer.Option("--symmetric-activations/--asymmetric-activations", help="Activation zero point fixed at 0, or fitted (default).")] = None,
-    arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, mean: MeanOpt = None, std: StdOpt = None,
-    input_shape: InputSizeOpt = None, profile: ProfileOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
-    report: ReportOpt = None, dry_run: DryRunOpt = False, save_config: SaveConfigOpt = None, overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = None,
+    **o: Any,
 ) -> None:
     """INT8 post-training quantization with onnxruntime (static, QDQ, per-channel), calibrated on synthetic images."""
-    settings = resolve(profile, {**_common_overrides(seed, device), "synthesize.num_images": num_images,
-                                 "quantize.calibration_images": calibration_images, "quantize.calibrate_method": calibrate_method,
-                                 "quantize.per_channel": per_channel, "quantize.symmetric_activations": symmetric_activations},
-                dry_run, save_config)
-    _run_stage("quantize", model, (arch, allow_pickle, mean, std, input_shape), settings, data=data, output=output,
-               eval_data=eval_data, max_drop=max_drop, report=report, overwrite=overwrite, json_out=json_out)
+    settings = resolve(o["profile"], {**_common_overrides(o["seed"], o["device"]), "synthesize.num_images": o["num_images"],
+                                      "quantize.calibration_images": calibration_images, "quantize.calibrate_method": calibrate_method,
+                                      "quantize.per_channel": per_channel, "quantize.symmetric_activations": symmetric_activations},
+                       o["dry_run"], o["save_config"])
+    _run_stage("quantize", settings, o)
 
 
 # ---------------------------------------------------------------------------------------------
