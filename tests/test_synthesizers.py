@@ -478,3 +478,15 @@ def test_teacher_without_spatial_stages_runs_naturalinversion_without_the_pyrami
         assert synth.stages == []
         made[pyramid] = synth.synthesize_batch(LABELS, seed=3).images01
     assert torch.equal(made[True], made[False])
+
+
+def test_lambda_adi_zero_switches_the_competition_off(digits):
+    """0 means off (it used to mean "pick 1.0"): ADI then makes exactly DeepInversion's images."""
+    teacher, *_ = digits
+    made = {}
+    for method in ("adi", "deepinversion"):
+        synth = build_synthesizer(teacher, SynthesizeSettings(method=method, iterations=3, lambda_adi=0.0, **SMALL), CPU)
+        made[method] = synth.synthesize_batch(LABELS, seed=4).images01
+    assert torch.equal(made["adi"], made["deepinversion"])
+    default = build_synthesizer(teacher, SynthesizeSettings(method="adi", iterations=3, **SMALL), CPU)
+    assert default.lambda_adi == 1.0 and not torch.equal(default.synthesize_batch(LABELS, seed=4).images01, made["adi"])
