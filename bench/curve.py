@@ -30,8 +30,9 @@ def points(files: list[Path]) -> dict[str, list[tuple[int, float, float]]]:
         for arm in data.get("arms", []):
             if "error" in arm or not arm.get("teacher_passes"):
                 continue
-            label = arm["name"] + (f" ({', '.join(f'{k}={v}' for k, v in sorted(overrides.items()))})"
-                                   if (overrides := data.get("config", {}).get("fast_overrides")) and arm["arm"] in "ghi" else "")
+            overrides = data.get("config", {}).get("fast_overrides") if arm["arm"] in "ghi" else None
+            label = f"{arm['name']}, {arm.get('iterations')} it/batch" + (
+                f" ({', '.join(f'{k}={v}' for k, v in sorted(overrides.items()))})" if overrides else "")
             top = arm["student_top1"]
             series.setdefault(label, []).append((arm["teacher_passes"], top["jpeg"], top["exact846"]))
             for p in arm.get("curve", []):
@@ -43,11 +44,11 @@ def plot(series: dict[str, list[tuple[int, float, float]]], path: Path, title: s
     """A log-x line plot (PIL only): solid = JPEG 10k, dotted markers = exact 846."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height, left, right, top, bottom = 860, 480, 70, 280, 34, 48
+    width, height, left, right, top, bottom = 940, 500, 70, 330, 44, 48
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    draw.text((left, 10), title, fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
     xs = [math.log10(p[0]) for pts in series.values() for p in pts]
     ys = [v for pts in series.values() for p in pts for v in p[1:]]
     if not xs:
@@ -73,7 +74,7 @@ def plot(series: dict[str, list[tuple[int, float, float]]], path: Path, title: s
         draw.text((xx - 14, height - bottom + 6), f"1e{e:g}", fill="black", font=font)
         e += 0.5
     draw.text((left + 150, height - 20), "teacher image-passes spent on synthesis (log)", fill="black", font=font)
-    draw.text((8, top - 16), "student top-1 %", fill="black", font=font)
+    draw.text((8, top - 14), "student top-1 %", fill="black", font=font)
     for i, (label, pts) in enumerate(sorted(series.items())):
         colour = COLOURS[i % len(COLOURS)]
         for col, dotted in ((1, False), (2, True)):
@@ -85,7 +86,7 @@ def plot(series: dict[str, list[tuple[int, float, float]]], path: Path, title: s
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour if not dotted else "white", outline=colour)
         ly = top + 8 + 18 * i
         draw.line([width - right + 12, ly + 6, width - right + 32, ly + 6], fill=colour, width=2)
-        draw.text((width - right + 38, ly), label[:40], fill="black", font=font)
+        draw.text((width - right + 38, ly), label[:52], fill="black", font=font)
     draw.text((width - right + 12, top + 8 + 18 * len(series) + 6), "filled: JPEG 10k; open: exact 846", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
