@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -66,6 +66,31 @@ def place(module: torch.nn.Module, runtime: Optional[Runtime]) -> torch.device:
         return module_device(module)
     runtime.prepare(module)
     return runtime.device
+
+
+@torch.no_grad()
+def run_batched(module: torch.nn.Module, images: torch.Tensor, to_input: Callable[[torch.Tensor, torch.device], torch.Tensor],
+                runtime: Optional[Runtime] = None, batch_size: int = 256, autocast: bool = False) -> list[torch.Tensor]:
+    """float32 CPU outputs of ``module`` in eval mode on ``images``, batch by batch, module and inputs on one device.
+
+    ``to_input(batch, device)`` turns stored images into the module's input on ``device`` (normalising);
+    ``autocast`` runs under the runtime's mixed precision (evaluation), off for logits that are stored.
+    The caller's train/eval mode is restored afterwards.
+    """
+    was_training = module.training
+    module.eval()
+    device = place(module, runtime)
+    outs = []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = to_input(images[start:start + batch_size], device)
+            if runtime is not None:
+                x = runtime.tensor(x)
+            with (runtime.autocast() if runtime is not None and autocast else contextlib.nullcontext()):
+                outs.append(module(x).float().cpu())
+    finally:
+        module.train(was_training)
+    return outs
 
 
 def resolve_runtime(device: str = "auto", amp: bool = True) -> Runtime:

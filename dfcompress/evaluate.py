@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.real import LabelledImages
-from .device import Runtime, place
+from .device import Runtime, run_batched
 from .errors import UserError, first_line
 from .models.teacher import InputSpec, Teacher
 from .settings import Settings
@@ -56,21 +56,7 @@ def to_input(images: Tensor, teacher_like: InputSpec) -> Tensor:
 def module_logits(module: nn.Module, images: Tensor, teacher_like: InputSpec, runtime: Optional[Runtime] = None,
                   batch_size: int = 256) -> Tensor:
     """float32 CPU logits of an eval-mode module on uint8/[0,1] images (normalised with ``teacher_like``)."""
-    was_training = module.training
-    module.eval()
-    device = place(module, runtime)
-    outs = []
-    try:
-        for i in range(0, len(images), batch_size):
-            x = to_input(images[i:i + batch_size], teacher_like).to(device)
-            if runtime is not None:
-                x = runtime.tensor(x)
-                with runtime.autocast():
-                    outs.append(module(x).float().cpu())
-            else:
-                outs.append(module(x).float().cpu())
-    finally:
-        module.train(was_training)
+    outs = run_batched(module, images, lambda b, dev: to_input(b, teacher_like).to(dev), runtime, batch_size, autocast=True)
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save as _st_save
 from torch.utils.data import Dataset
 
 from .. import __version__
-from ..device import place
+from ..device import run_batched
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json, read_json_document, sha256_bytes, sha256_file
 from ..models.teacher import Teacher
@@ -50,20 +50,8 @@ def teacher_logits(teacher: Teacher, images_uint8: torch.Tensor, runtime=None, b
 
     Raises UserError when the teacher yields NaN/inf: such targets would poison every student.
     """
-    module = teacher.module
-    was_training = module.training
-    module.eval()
-    device = place(module, runtime)
-    outs = []
-    try:
-        for start in range(0, images_uint8.shape[0], batch_size):
-            x = images_uint8[start:start + batch_size].to(device).float() / 255.0
-            x = teacher.normalize(x)
-            if runtime is not None:
-                x = runtime.tensor(x)
-            outs.append(module(x).float().cpu())
-    finally:
-        module.train(was_training)
+    outs = run_batched(teacher.module, images_uint8, lambda b, dev: teacher.normalize(b.to(dev).float() / 255.0),
+                       runtime, batch_size)
     logits = torch.cat(outs) if outs else torch.zeros(0, teacher.num_classes)
     if not torch.isfinite(logits).all():
         raise UserError(f"the teacher {teacher.source} produces NaN/inf logits on valid images; check the model file and its --mean/--std")
