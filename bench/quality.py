@@ -22,7 +22,7 @@ Arms (same number of images N; the inversion arms also the same teacher-pass bud
 Teacher passes are counted in image-passes: one image through the teacher forward = 1, forward and
 backward to the input = 3 (the backward costs about twice the forward). Per image and iteration: NI and
 fast NI 4 (a no-grad feature pass + the loss pass), DeepInversion 3, CMI 6 (two views); plus 1 per
-stored image for the teacher's logits. ``--curve`` also distils on prefixes of (g)'s set (its first
+stored image for the teacher's logits. ``--curve`` also distils on prefixes of (g)'s and (h)'s sets (their first
 1/12, 1/4, 1/2: the set is made in order, so a prefix is what a smaller run makes) to put student top-1
 against teacher passes.
 
@@ -296,7 +296,7 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
         res["synthetic_reused"] = f"kept from the interrupted run; its shards were written over {shards[-1].stat().st_mtime - shards[0].stat().st_mtime:.0f} s (first to last)"
     res["synthetic"] = synthetic_summary(synth_dir)
     res.update(distill_and_score(key, teacher, synth_dir, student_dir, settings, ctx))
-    if ctx.get("curve") and key == "g":
+    if ctx.get("curve") and key in ("g", "h"):
         res["curve"] = prefix_curve(key, teacher, synth_dir, arm_dir, settings, ctx, iterations)
     res["synthesize_settings"] = {k: v for k, v in dataclasses.asdict(settings.synthesize).items()
                                   if k in ("method", "num_images", "batch_size", "iterations", "lr_generator", "lr_pyramid",
@@ -489,7 +489,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="synthesize setting for the fast arms only (e.g. lambda_bn=2); repeatable")
     ap.add_argument("--kd-mix", dest="kd_mix", choices=["none", "mixup", "cutmix"], default="none",
                     help="KD augmentation in every arm (distill.mix); with --resume, re-distils kept synthetic sets")
-    ap.add_argument("--curve", action="store_true", help="also distil on prefixes of (g)'s set (student top-1 vs teacher passes)")
+    ap.add_argument("--curve", action="store_true", help="also distil on prefixes of the fast arms' sets (student top-1 vs teacher passes)")
     args = ap.parse_args(argv)
 
     common.require(common.RESNET56_TH, common.RESNET56_ONNX, common.TEST_JPEG, common.TEST_EXACT, common.TRAIN_TAR, common.LABELS)
