@@ -355,7 +355,7 @@ class _Projection:
     """
 
     WARMUP, MEASURE = 1, 3   # skip the first iteration (allocations), time the next ones
-    SAY_AFTER_S = 60.0       # runs shorter than a minute need no forecast
+    SAY_AFTER_S = 300.0      # runs of a few minutes need no forecast (and their output stays as it was)
     LONG_S = 600.0
 
     def __init__(self, settings, shards: int):
