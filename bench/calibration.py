@@ -75,8 +75,7 @@ def synthesize_set(teacher, settings, out: Path, stats=None) -> torch.Tensor:
     from dfcompress.inversion.runner import synthesize
 
     synthesize(teacher, settings, out, resolve_runtime("cpu"), stats=stats)
-    ds = SyntheticSet(out)
-    return torch.cat([ds.shard(k)[0] for k in range(ds.num_shards)])
+    return SyntheticSet(out).tensors()[0]
 
 
 def calibration_inputs(name: str, args, work: Path, timings: dict) -> dict[str, np.ndarray]:

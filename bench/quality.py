@@ -334,7 +334,7 @@ def prefix_curve(key: str, teacher, synth_dir: Path, arm_dir: Path, settings, ct
     from dfcompress.data.synthetic import SyntheticSet, write_synthetic_set
 
     ds = SyntheticSet(synth_dir)
-    x, y, logits = (torch.cat(parts) for parts in zip(*(ds.shard(k) for k in range(ds.num_shards))))
+    x, y, logits = ds.tensors()
     points = []
     for frac in CURVE_FRACTIONS:
         m = max(settings.synthesize.batch_size, int(round(len(y) * frac / settings.synthesize.batch_size)) * settings.synthesize.batch_size)

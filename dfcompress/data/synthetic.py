@@ -245,6 +245,11 @@ class SyntheticSet(Dataset):
         h = self._handle(k)
         return h.get_tensor("images"), h.get_tensor("labels"), h.get_tensor("logits")
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole set as (images uint8, labels, logits) in index order, read shard by shard."""
+        images, labels, logits = (torch.cat(column) for column in zip(*(self.shard(k) for k in range(self.num_shards))))
+        return images, labels, logits
+
     def verify(self) -> None:
         """Check every shard against the manifest now (streaming, one at a time), not on first use:
         a command that would otherwise log progress first fails with one clear line instead."""

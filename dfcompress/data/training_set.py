@@ -151,10 +151,9 @@ def _load(source: DataSource, teacher: Any) -> _Loaded:
     if kind == "synthetic":
         ds = SyntheticSet(source.path)
         check_set_matches(ds, teacher, source.path)
-        parts = [ds.shard(k) for k in range(ds.num_shards)]
-        if not parts:
+        if not ds.num_shards:
             raise UserError(f"synthetic set {source.path} holds no images")
-        images, labels, logits = (torch.cat([p[i] for p in parts]) for i in range(3))
+        images, labels, logits = ds.tensors()
         same_teacher = (ds.manifest.get("teacher") or {}).get("sha256") == teacher.sha256
         fp = hashlib.sha256(json.dumps([s["sha256"] for s in ds.manifest["shards"]]).encode()).hexdigest()
         return _Loaded(images, labels, logits if same_teacher else None, fp)
