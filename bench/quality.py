@@ -182,11 +182,11 @@ class Evaluator:
     def sizes(self) -> dict[str, int]:
         return {k: int(v[1].shape[0]) for k, v in self.sets.items()}
 
-    def onnx(self, path: Path, like) -> dict[str, torch.Tensor]:
+    def onnx(self, path: Path, like, fuse: bool = True) -> dict[str, torch.Tensor]:
         from dfcompress.evaluate import onnx_logits
         from dfcompress.export import onnx_session
 
-        session = onnx_session(path, threads=self.threads)
+        session = onnx_session(path, threads=self.threads, fuse=fuse)
         return {k: onnx_logits(session, x, like) for k, (x, _y) in self.sets.items()}
 
     def module(self, module, like, runtime) -> dict[str, torch.Tensor]:

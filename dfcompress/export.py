@@ -56,11 +56,15 @@ def onnx_providers(prefer_cuda: bool = True) -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
-def onnx_session(path: str | Path, prefer_cuda: bool = True, threads: int | None = None):
+def onnx_session(path: str | Path, prefer_cuda: bool = True, threads: int | None = None, fuse: bool = True):
+    """An onnxruntime session; ``fuse=False`` runs the graph as written (QDQ stays simulated quantization),
+    which is how 4/16-bit activation QDQ models run: ORT has no fused integer kernels for them."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings go to stderr otherwise
+    if not fuse:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers(prefer_cuda))
