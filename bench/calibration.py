@@ -135,7 +135,7 @@ def run_model(name: str, args, evaluator, work: Path) -> dict[str, Any]:
                                "calibrate_s": round(cal_s, 1)}
                         rows.append(row)
                         print(f"{name} a{bits} {row['weights']:11s} {method:10s} {src:8s} " +
-                              " ".join(f"{k} {v:.2f} (-{fp32_top1[k] - v:.2f})" for k, v in top.items()), flush=True)
+                              " ".join(f"{k} {v:.2f} ({v - fp32_top1[k]:+.2f})" for k, v in top.items()), flush=True)
     return {"fp32_top1": fp32_top1, "rows": rows, "synthesis_s": timings}
 
 
@@ -145,7 +145,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"Machine: {common.machine_line(result['machine'])}", "",
              f"N = {cfg['n']} calibration images per source; NI arms: batch {cfg['batch']}, {cfg['iterations']} iterations "
              f"(a short run); d uses {SEEDS_PER_CLASS} real seeds/class. Test sets: {result['eval_sizes']}. "
-             "Cells: top-1 % (drop vs fp32, pt) on the JPEG test images / exact 846. INT8 runs with ORT's fused integer "
+             "Cells: top-1 % (change vs fp32, pt) on the JPEG test images / exact 846. INT8 runs with ORT's fused integer "
              "kernels; 4/16-bit activations run the QDQ graph unfused (simulated quantization: ORT has no fused "
              "kernels for them).", ""]
     for name, res in result["models"].items():
@@ -154,7 +154,7 @@ def markdown(result: dict[str, Any]) -> str:
         heads = ["act bits", "weights", "calibrator"] + list(SOURCES.values())
         table: dict[tuple, dict[str, str]] = {}
         for r in res["rows"]:
-            cell = f"{r['top1_jpeg']:.2f} (-{r['drop_jpeg']:.2f}) / {r['top1_exact846']:.2f}"
+            cell = f"{r['top1_jpeg']:.2f} ({-r['drop_jpeg']:+.2f}) / {r['top1_exact846']:.2f}"
             table.setdefault((r["act_bits"], r["weights"], r["method"]), {})[r["source"]] = cell
         lines.append(common.md_table(heads, [[*k, *(v.get(s, "–") for s in SOURCES.values())] for k, v in table.items()]))
         lines.append("")

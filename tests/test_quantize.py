@@ -107,3 +107,28 @@ def test_cli_calibrator_and_granularity_options(tmp_path):
     assert act_zero_points and all(int(z) == 0 for z in act_zero_points)  # symmetric activations
     bad = CliRunner().invoke(app, ["quantize", "--data", str(synth), "--calibrate-method", "kl", "-o", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_entropy_calibrator_searches_a_threshold(tmp_path):
+    """``--calibrate-method entropy`` must not be MinMax in disguise: ORT's quantize_static builds its entropy
+    calibrator with as many histogram bins as quantized bins, which leaves the full range as the only candidate.
+    Through the CLI, the activation scales of an entropy run are smaller than MinMax's on some tensor."""
+    from onnx import numpy_helper
+    from typer.testing import CliRunner
+
+    from dfcompress.cli import app
+
+    synth = digits_as_synthetic_set(tmp_path / "synth", digits_teacher(), n=64, shard_size=64)
+    scales = {}
+    for method in ("minmax", "entropy"):
+        out = tmp_path / method
+        res = CliRunner().invoke(app, ["quantize", "--data", str(synth), "--calibration-images", "32",
+                                       "--calibrate-method", method, "-o", str(out)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        graph = onnx.load(str(out / "model.onnx")).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        scales[method] = {n.input[0]: float(inits[n.input[1]]) for n in graph.node
+                          if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    assert scales["minmax"].keys() == scales["entropy"].keys()
+    shrunk = [k for k in scales["minmax"] if scales["entropy"][k] < 0.9 * scales["minmax"][k]]
+    assert shrunk, (scales["minmax"], scales["entropy"])

@@ -7,9 +7,11 @@ calibrated on, plus real labelled images when given.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -135,6 +137,33 @@ def _calibration_method(name: str):
     return methods[name]
 
 
+ENTROPY_BINS = 2048  # histogram bins the KL search of the entropy calibrator chooses its threshold from
+
+
+@contextmanager
+def _entropy_histogram(bins: int = ENTROPY_BINS):
+    """Make ORT's entropy calibrator search for a threshold at all.
+
+    ``quantize_static`` builds its calibrator with 128 histogram bins and 128 quantized bins, so the KL
+    search has a single candidate, the full range: "entropy" silently equals MinMax (checked on
+    onnxruntime 1.32), and its extra_options cannot pass ``num_bins``. TensorRT's recipe, which ORT's
+    search follows, takes 2048 bins; this patches that one argument into the factory for the duration
+    of one quantize_static call."""
+    # the module, not the package's same-named function ``onnxruntime.quantization.quantize``
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
+
+    original = ort_quantize.create_calibrator
+
+    def with_bins(*args, extra_options=None, **kwargs):
+        return original(*args, extra_options={"num_bins": bins, **(extra_options or {})}, **kwargs)
+
+    ort_quantize.create_calibrator = with_bins
+    try:
+        yield
+    finally:
+        ort_quantize.create_calibrator = original
+
+
 def static_qdq(source: str | Path, target: str | Path, reader: Any, *, per_channel: bool = True,
                calibrate_method: str = "minmax", symmetric_activations: bool = False,
                activation_bits: int = 8) -> None:
@@ -146,12 +175,13 @@ def static_qdq(source: str | Path, target: str | Path, reader: Any, *, per_chann
     act = {8: QuantType.QInt8, 4: QuantType.QInt4, 16: QuantType.QInt16}.get(int(activation_bits))
     if act is None:
         raise UserError(f"activation bits must be 4, 8 or 16, got {activation_bits}")
-    quantize_static(
-        model_input=str(source), model_output=str(target), calibration_data_reader=_as_reader(reader),
-        quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8,
-        calibrate_method=_calibration_method(calibrate_method),
-        extra_options={"ActivationSymmetric": bool(symmetric_activations)},
-    )
+    method = _calibration_method(calibrate_method)
+    with _entropy_histogram() if calibrate_method == "entropy" else nullcontext():
+        quantize_static(
+            model_input=str(source), model_output=str(target), calibration_data_reader=_as_reader(reader),
+            quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8,
+            calibrate_method=method, extra_options={"ActivationSymmetric": bool(symmetric_activations)},
+        )
 
 
 def quantize(model_onnx_path: str | Path, synth_dir: str | Path, settings: Settings, out_dir: str | Path,
