@@ -20,20 +20,24 @@ Arms (same number N of images, same KD recipe: ResNet-20 student, profile cifar1
                 per_class, on the token stages dfcompress finds), then NaturalInversion with them -> KD
   b noise       uniform random pixels 0..255, teacher labels -> KD
   c real        N real train images -> KD (upper reference)
+  d seed-stats-nopyramid   (a) without the Feature Transfer Pyramid (not run by default: ``--arms a,b,c,d``);
+                the pyramid's only spatial input on a ViT is the patch embedding
 
 Teacher image-passes (as in bench/quality.py: forward = 1, forward + backward to the input = 3): (a) 4 per
-image-iteration + 1 per stored image + 1 per seed image; (b) 1 per image (its labels); (c) 0 before KD.
+image-iteration ((d) 3: no feature pass for the pyramid) + 1 per stored image + 1 per seed image; (b) 1 per image (its labels); (c) 0 before KD.
 KD itself runs the teacher forward on every batch in every arm alike and is not counted.
 
     taskset -c 1 .venv/bin/python bench/vit.py                          # full size (see RESULTS.md)
     taskset -c 1 .venv/bin/python bench/vit.py --train-minutes 0.3 --n 64 --iterations 3 --kd-epochs 1 \\
         --jpeg-limit 200 --out-stem vit-smoke --work runs/bench-vit-smoke   # smoke, ~2 min
 
-Writes ``bench/results/<--out-stem, default vit>.json`` and ``.md``. Not a test.
+Writes ``bench/results/vit.json`` and ``.md`` (``vit-seed<S>`` for ``--seed S``, which reruns the arms on the same
+cached teacher; ``--out-stem`` / ``--out-dir`` elsewhere). Not a test.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,7 +58,8 @@ from torch import nn  # noqa: E402
 
 ARMS = {"a": ("seed-stats", "NaturalInversion + class-cond. seed statistics (10/class)"),
         "b": ("noise", "uniform random pixels, teacher labels"),
-        "c": ("real", "real CIFAR-10 train images (upper reference)")}
+        "c": ("real", "real CIFAR-10 train images (upper reference)"),
+        "d": ("seed-stats-nopyramid", "as (a) without the Feature Transfer Pyramid (ablation)")}
 SEEDS_PER_CLASS = 10
 PER_CLASS_TRAIN = 5000  # CIFAR-10 train images per class
 MEAN, STD = common.IMAGENET_MEAN, common.IMAGENET_STD
@@ -127,18 +132,18 @@ def arch_config(args) -> dict[str, Any]:
 
 def teacher_key(args) -> str:
     """File stem of the cached teacher: everything that changes its weights."""
-    cfg = {**arch_config(args), "minutes": args.train_minutes, "seed": args.seed, "offset": args.teacher_offset,
+    cfg = {**arch_config(args), "minutes": args.train_minutes, "seed": args.teacher_seed, "offset": args.teacher_offset,
            "batch": args.train_batch, "lr": args.train_lr}
     return "vit-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def train_teacher(args, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[ViT, dict[str, Any]]:
     """AdamW for ``--train-minutes`` of wall time; the lr follows warm-up (5 %) + cosine on elapsed time."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.teacher_seed)
     model = ViT(**arch_config(args))
     opt = torch.optim.AdamW(model.parameters(), lr=args.train_lr, weight_decay=0.05)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.teacher_seed)
     budget = args.train_minutes * 60.0
     n, steps, seen, correct_window, seen_window, loss_ema = len(y), 0, 0, 0, 0, None
     model.train()
@@ -246,9 +251,11 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(arm_dir)
     synth_dir, student_dir = arm_dir / "synthetic", arm_dir / "student"
     settings = quality.make_settings(cfg, "naturalinversion", seed)
+    if key == "d":  # the pyramid reads the patch embedding, the ViT's only spatial map: does that help?
+        settings = dataclasses.replace(settings, synthesize=dataclasses.replace(settings.synthesize, use_pyramid=False))
     res: dict[str, Any] = {"arm": key, "name": name, "label": label, "n": cfg["n"]}
     t0 = time.perf_counter()
-    if key == "a":
+    if key in ("a", "d"):
         x, y, _ = ctx["seeds"]
         stats = collect_stats(teacher, x, labels=y, per_class=True, runtime=rt,
                               source=f"{common.TRAIN_TAR}: per-class ranks 0..{SEEDS_PER_CLASS - 1}")
@@ -257,8 +264,9 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
         print(f"    statistics from {len(y)} seed images on {len(stats.layers)} layers: {', '.join(stats.layer_names)}",
               file=sys.stderr, flush=True)
         synthesize(teacher, settings, synth_dir, rt, stats=stats)
+        passes = NI_IMAGE_PASSES if settings.synthesize.use_pyramid else NI_IMAGE_PASSES - 1  # no pyramid: no feature pass
         res.update({"iterations": cfg["iterations"], "batch": cfg["batch"], "batches": math.ceil(cfg["n"] / cfg["batch"]),
-                    "teacher_passes": cfg["n"] * cfg["iterations"] * NI_IMAGE_PASSES + cfg["n"] + len(y)})
+                    "teacher_passes": cfg["n"] * cfg["iterations"] * passes + cfg["n"] + len(y)})
     elif key == "b":
         make_uniform_noise(teacher, cfg["n"], synth_dir, seed)
         res["teacher_passes"] = cfg["n"]
@@ -323,15 +331,16 @@ def markdown(data: dict[str, Any]) -> str:
                                "teacher agrees with target label %", "set-making s", "KD s", "teacher image-passes"], rows), "",
               "Set-making seconds include statistics collection for (a) and the teacher's labelling pass for (b). Teacher "
               "image-passes before KD: forward = 1, forward + backward to the input = 3 (NaturalInversion 4 per "
-              "image-iteration, + 1 per stored image, + the seed images' pass).", ""]
+              "image-iteration, 3 without the pyramid, + 1 per stored image, + the seed images' pass).", ""]
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default="a,b,c", help="letters a-c or names seed-stats, noise, real")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", default="a,b,c", help="letters a-d or names seed-stats, noise, real, seed-stats-nopyramid")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the arms (synthesis, noise, KD); the teacher keeps its own")
+    ap.add_argument("--teacher-seed", dest="teacher_seed", type=int, default=0, help="seed of the teacher's training")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--train-minutes", dest="train_minutes", type=float, default=8.0)
     ap.add_argument("--train-batch", dest="train_batch", type=int, default=128)
@@ -351,7 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--jpeg-limit", dest="jpeg_limit", type=int, default=2000, help="first K JPEG test images (0: all 10k)")
     ap.add_argument("--work", type=Path, default=common.REPO / "runs" / "bench-vit", help="work folder (teacher cache, arms)")
     ap.add_argument("--out-dir", dest="out_dir", type=Path, default=common.RESULTS)
-    ap.add_argument("--out-stem", dest="out_stem", default="vit", help="results file stem (smoke runs: use another)")
+    ap.add_argument("--out-stem", dest="out_stem", default=None,
+                    help="results file stem (default vit, vit-seed<S> for --seed S; smoke runs: use another)")
     args = ap.parse_args(argv)
 
     common.require(common.TEST_JPEG, common.TEST_EXACT, common.TRAIN_TAR, common.LABELS)
@@ -360,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for part in (p.strip() for p in args.arms.split(",") if p.strip()):
         key = part if part in ARMS else names.get(part)
         if key is None:
-            raise SystemExit(f"unknown arm {part!r}; use a-c or {', '.join(names)}")
+            raise SystemExit(f"unknown arm {part!r}; use a-d or {', '.join(names)}")
         arms.append(key)
     ranks = split_ranks(args.n, args.teacher_offset)
     from dfcompress.device import resolve_runtime
@@ -415,11 +425,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"teacher image-passes {res['teacher_passes']}", file=sys.stderr, flush=True)
         results.append(res)
 
-    out = {"command": " ".join(["bench/vit.py"] + argv), "config": cfg, "seed": args.seed, "student": quality.STUDENT,
+    out = {"command": " ".join(["bench/vit.py"] + argv), "config": cfg, "seed": args.seed, "teacher_seed": args.teacher_seed,
+           "student": quality.STUDENT,
            "machine": info, "ranks": ranks, "eval_sets": ev.sizes(), "teacher": t_info, "arms": results,
            "total_seconds": round(time.perf_counter() - t_all, 1), "peak_rss_mib": common.peak_rss_mib()}
     md = markdown(out) + f"\nTotal wall time {out['total_seconds']} s; peak RSS {out['peak_rss_mib']} MiB.\n"
-    jpath, mpath = common.write_results(args.out_stem, out, md, args.out_dir)
+    stem = args.out_stem or ("vit" + (f"-seed{args.seed}" if args.seed else ""))  # other seeds do not overwrite seed 0
+    jpath, mpath = common.write_results(stem, out, md, args.out_dir)
     print(md)
     print(f"wrote {jpath} and {mpath}", file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0
