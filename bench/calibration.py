@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--act-bits", default="8", help="comma list of activation widths: 8, 16, 4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stem", default="calibration", help="results file stem under bench/results/")
     args = ap.parse_args()
     args.act_bits = [int(b) for b in args.act_bits.split(",")]
     common.require(common.TEST_JPEG, common.TEST_EXACT, common.TRAIN_TAR)
@@ -184,7 +185,7 @@ def main() -> None:
                               "eval_sizes": evaluator.sizes(), "models": {}}
     for name in args.models.split(","):
         result["models"][name] = run_model(name, args, evaluator, work)
-        paths = common.write_results("calibration", result, markdown(result))
+        paths = common.write_results(args.stem, result, markdown(result))
         print(f"wrote {paths[0]} and {paths[1]}", flush=True)
 
 
