@@ -23,8 +23,9 @@ Arms (same number N of images, same KD recipe: ResNet-20 student, profile cifar1
   d seed-stats-nopyramid   (a) without the Feature Transfer Pyramid (not run by default: ``--arms a,b,c,d``);
                 the pyramid's only spatial input on a ViT is the patch embedding
 
-Teacher image-passes (as in bench/quality.py: forward = 1, forward + backward to the input = 3): (a) 4 per
-image-iteration ((d) 3: no feature pass for the pyramid) + 1 per stored image + 1 per seed image; (b) 1 per image (its labels); (c) 0 before KD.
+Teacher image-passes (as in bench/quality.py: forward = 1, forward + backward to the input = 3): (a) 3 per
+image-iteration (the pyramid's feature pass stops after the patch embedding, the ViT's last spatial stage, and is
+not counted; (d) has no feature pass) + 1 per stored image + 1 per seed image; (b) 1 per image (its labels); (c) 0 before KD.
 KD itself runs the teacher forward on every batch in every arm alike and is not counted.
 
     taskset -c 1 .venv/bin/python bench/vit.py                          # full size (see RESULTS.md)
@@ -264,7 +265,7 @@ def run_arm(key: str, ctx: dict[str, Any]) -> dict[str, Any]:
         print(f"    statistics from {len(y)} seed images on {len(stats.layers)} layers: {', '.join(stats.layer_names)}",
               file=sys.stderr, flush=True)
         synthesize(teacher, settings, synth_dir, rt, stats=stats)
-        passes = NI_IMAGE_PASSES if settings.synthesize.use_pyramid else NI_IMAGE_PASSES - 1  # no pyramid: no feature pass
+        passes = NI_IMAGE_PASSES - 1  # the feature pass ends at the patch embedding (StageTaps): not a teacher pass
         res.update({"iterations": cfg["iterations"], "batch": cfg["batch"], "batches": math.ceil(cfg["n"] / cfg["batch"]),
                     "teacher_passes": cfg["n"] * cfg["iterations"] * passes + cfg["n"] + len(y)})
     elif key == "b":
@@ -330,8 +331,8 @@ def markdown(data: dict[str, Any]) -> str:
               common.md_table(["arm", "images", "student top-1 JPEG", "student top-1 exact 846", "agreement w/ teacher (JPEG)",
                                "teacher agrees with target label %", "set-making s", "KD s", "teacher image-passes"], rows), "",
               "Set-making seconds include statistics collection for (a) and the teacher's labelling pass for (b). Teacher "
-              "image-passes before KD: forward = 1, forward + backward to the input = 3 (NaturalInversion 4 per "
-              "image-iteration, 3 without the pyramid, + 1 per stored image, + the seed images' pass).", ""]
+              "image-passes before KD: forward = 1, forward + backward to the input = 3 (NaturalInversion 3 per "
+              "image-iteration: its pyramid's feature pass stops at the patch embedding; + 1 per stored image, + the seed images' pass).", ""]
     return "\n".join(lines)
 
 

@@ -490,3 +490,27 @@ def test_lambda_adi_zero_switches_the_competition_off(digits):
     assert torch.equal(made["adi"], made["deepinversion"])
     default = build_synthesizer(teacher, SynthesizeSettings(method="adi", iterations=3, **SMALL), CPU)
     assert default.lambda_adi == 1.0 and not torch.equal(default.synthesize_batch(LABELS, seed=4).images01, made["adi"])
+
+
+def test_pyramid_feature_pass_stops_after_the_last_stage():
+    """The no-grad pass that feeds the pyramid runs the teacher only up to its last stage: a ViT's transformer
+    blocks (after the patch embedding, its only spatial stage) never run in it, and the features equal those of
+    a full forward."""
+    from dfcompress.models.taps import FeatureTaps
+    from token_models import TinyViT
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyViT().eval()
+    stages = probe_stages(model, (3, 16, 16))
+    assert [s.name for s in stages] == ["patch"]
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    g = torch.randn(2, 3, 16, 16)
+    with StageTaps(model, stages) as taps:
+        feats = taps.capture(model, g)
+    assert calls == []
+    with FeatureTaps(model, [("patch", "output")]) as full:
+        model(g)
+        assert torch.equal(feats[0], full["patch"])
+    assert calls == [1]

@@ -72,11 +72,17 @@ class FeatureTransferPyramid(nn.Module):
         return torch.tanh(self.out(x))
 
 
+class _AllStagesSeen(Exception):
+    """Raised by the last stage hook to end the pyramid's feature pass early."""
+
+
 class StageTaps(FeatureTaps):
     """FeatureTaps on the pyramid's stage modules that record (a detached copy) only while ``active``.
 
     The copy protects against in-place ops later in the teacher's forward (e.g. ``out += identity``);
-    switching off keeps the loss pass from recording features nobody reads.
+    switching off keeps the loss pass from recording features nobody reads. The feature pass stops as
+    soon as every stage has been seen: the layers after the last stage (a CNN's head, a ViT's whole
+    transformer after its patch embedding) would cost teacher compute for nothing.
     """
 
     def __init__(self, module: nn.Module, stages: Sequence[Stage]):
@@ -89,15 +95,19 @@ class StageTaps(FeatureTaps):
             if self.active:
                 value = inputs[0] if side == "input" else output
                 self.features[name] = value.detach().clone()
+                if len(self.features) == len(self.names):
+                    raise _AllStagesSeen
         return hook
 
     @torch.no_grad()
     def capture(self, model: nn.Module, x: Tensor) -> list[Tensor]:
-        """One no-grad teacher pass on ``x``; returns the stage features, high -> low resolution."""
+        """One no-grad teacher pass on ``x``, up to the last stage; returns the stage features, high -> low resolution."""
         self.active = True
         try:
             self.features.clear()
             model(x)
-            return [self.features[n] for n in self.names]
+        except _AllStagesSeen:
+            pass
         finally:
             self.active = False
+        return [self.features[n] for n in self.names]
