@@ -154,7 +154,7 @@ def markdown(result: dict[str, Any]) -> str:
         heads = ["act bits", "weights", "calibrator"] + list(SOURCES.values())
         table: dict[tuple, dict[str, str]] = {}
         for r in res["rows"]:
-            cell = f"{r['top1_jpeg']:.2f} ({-r['drop_jpeg']:+.2f}) / {r['top1_exact846']:.2f}"
+            cell = f"{r['top1_jpeg']:.2f} ({0.0 - r['drop_jpeg']:+.2f}) / {r['top1_exact846']:.2f}"
             table.setdefault((r["act_bits"], r["weights"], r["method"]), {})[r["source"]] = cell
         lines.append(common.md_table(heads, [[*k, *(v.get(s, "–") for s in SOURCES.values())] for k, v in table.items()]))
         lines.append("")

@@ -544,7 +544,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     results = []
     for key in arms:
-        cached = work / f"{key}-{ARMS[key][0]}.result.json"
+        mixed = "" if args.kd_mix == "none" else f"-{args.kd_mix}"  # another KD recipe: the kept set is re-distilled
+        cached = work / f"{key}-{ARMS[key][0]}{mixed}.result.json"
         if args.resume and cached.is_file():
             results.append(json.loads(cached.read_text()))
             print(f"({key}) {ARMS[key][0]}: kept from the earlier run", file=sys.stderr)
