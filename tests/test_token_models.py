@@ -1,5 +1,6 @@
-"""Teachers without BatchNorm through the CLI: a small ViT and a LayerNorm ConvNeXt-style net, as ONNX,
-.pt2 and TorchScript: inspect -> stats --seeds -> synthesize -> distill, with the real onnxruntime.
+"""Teachers without BatchNorm through the CLI: a small ViT and a LayerNorm ConvNeXt-style net, as ONNX
+(TorchScript-based exporter here, dynamo exporter from tests/data/dynamo), .pt2 and TorchScript:
+inspect -> stats --seeds -> synthesize -> distill, with the real onnxruntime.
 
 What is proved: the ViT's transformer blocks carry statistics in every format that loads (LayerNorm
 inputs, or the token Linear inputs of a .pt2), the statistics term is non-zero on them during synthesis,
@@ -35,11 +36,20 @@ def run(*args: str, code: int = 0):
     return res
 
 
+# the same nets through the dynamo exporter (checked in: it needs onnxscript); the ViT at 18 keeps the
+# exporter's module-scope metadata and Erf GELU, the ConvNeXt at 21 has GroupNormalization and Gelu ops
+DYNAMO = {"vit": Path(__file__).parent / "data/dynamo/vit_op18.onnx",
+          "cnx": Path(__file__).parent / "data/dynamo/cnx_op21.onnx"}
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, dict[str, Path]]:
     folder = tmp_path_factory.mktemp("token_models")
     torch.manual_seed(0)
-    return {"vit": save_all(TinyViT(), folder, "vit"), "cnx": save_all(TinyConvNeXt(), folder, "cnx")}
+    out = {"vit": save_all(TinyViT(), folder, "vit"), "cnx": save_all(TinyConvNeXt(), folder, "cnx")}
+    for net, path in DYNAMO.items():
+        out[net]["dynamo-onnx"] = path
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,8 @@ def seeds(tmp_path_factory) -> Path:
     return path
 
 
-PIPELINES = [("vit", "onnx"), ("vit", "pt2"), ("cnx", "onnx"), ("cnx", "pt2"), ("cnx", "torchscript")]
+PIPELINES = [("vit", "onnx"), ("vit", "pt2"), ("vit", "dynamo-onnx"), ("cnx", "onnx"), ("cnx", "pt2"),
+             ("cnx", "torchscript"), ("cnx", "dynamo-onnx")]
 
 
 @pytest.mark.parametrize("net,fmt", PIPELINES)

@@ -1,6 +1,7 @@
 """ONNX graph walk: check every op is supported, then emit one fx node (or constant) per ONNX node."""
 from __future__ import annotations
 
+import ast
 import os
 from typing import Any
 
@@ -53,6 +54,22 @@ def _lookup(env: dict[str, Any], name: str, node: onnx.NodeProto, skipped: dict[
                         "or graph input defines; the file is truncated, corrupt or not topologically sorted") from None
 
 
+def module_scope(node: onnx.NodeProto) -> str:
+    """The torch module path of a dynamo-exported node, from its ``pkg.torch.onnx.name_scopes`` metadata.
+
+    The value lists the module path prefixes then the fx node name (``['', 'blocks.0', 'blocks.0.norm1',
+    'layer_norm']``); without it (other exporters, version-converted files) the node name is used.
+    """
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
+    return ""
+
+
 def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
     """Convert an ONNX classifier into an eval-mode ``torch.fx.GraphModule`` with real layer submodules.
 
@@ -77,7 +94,7 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike) -> fx.GraphModule:
     for index, node in enumerate(graph.node):
         inputs = [_lookup(env, name, node, skipped) if name else None for name in node.input]
         info = NodeInfo(node.op_type, node.name, index, parse_attrs(node), opset, list(node.output),
-                        [shapes.get(name) for name in node.input])
+                        [shapes.get(name) for name in node.input], module_scope(node))
         try:
             outputs = HANDLERS[node.op_type](b, info, inputs)
         except UserError:

@@ -119,6 +119,29 @@ def instancenorm(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
     return [b.module(n.module_name, mod, x)]
 
 
+@register("GroupNormalization")
+def groupnorm(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
+    """A real ``nn.GroupNorm`` (the dynamo exporter emits this op from opset 21 on).
+
+    Opset 18 gave ``scale``/``bias`` one value per *group* (deprecated for that); opset 21 one per
+    channel, as torch does, so the per-group form is repeated over each group's channels.
+    """
+    x, scale, bias = inputs[:3]
+    _const_param(b, n, "scale/bias", scale, bias)
+    groups = int(n.attrs["num_groups"])
+    channels = scale.numel()
+    if n.opset < 21 and channels == groups:
+        shape = n.shape(0)
+        channels = shape[1] if shape is not None and len(shape) > 1 and shape[1] is not None else None
+        if channels is None or channels % groups:
+            raise UserError(f"{n.label()} (opset {n.opset}, per-group scale) needs the input's channel count, which "
+                            "shape inference did not give; re-export at opset 21 or with static channels")
+        scale, bias = (t.reshape(-1).repeat_interleave(channels // groups) for t in (scale, bias))
+    mod = nn.GroupNorm(groups, channels, eps=f32(n.attrs.get("epsilon", 1e-5)), device="meta", dtype=scale.dtype)
+    _build(mod, {"weight": scale.reshape(-1), "bias": bias.reshape(-1)})
+    return [b.module(n.module_name, mod, x)]
+
+
 @register("LayerNormalization")
 def layernorm(b: GraphBuilder, n: NodeInfo, inputs: list[Any]) -> list[Any]:
     x, scale, bias = (inputs + [None, None])[:3]

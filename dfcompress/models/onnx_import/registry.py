@@ -26,10 +26,15 @@ class NodeInfo:
     opset: int
     outputs: list[str]
     input_shapes: list[list[int | None] | None] = field(default_factory=list)
+    scope: str = ""  # the torch module path the dynamo exporter recorded for the node ('' when none)
 
     @property
     def module_name(self) -> str:
-        """Submodule name: the sanitised ONNX node name, else ``<OpType>_<index>``."""
+        """Submodule name: ``<module path>_<OpType>`` where the exporter recorded the module path (dynamo:
+        ``blocks.0.norm1`` → ``blocks_0_norm1_LayerNormalization``, as the TorchScript exporter's node names
+        give), else the sanitised ONNX node name, else ``<OpType>_<index>``."""
+        if self.scope:
+            return sanitize(f"{self.scope}/{self.op_type}")
         return sanitize(self.name) or f"{self.op_type}_{self.index}"
 
     def shape(self, i: int = 0) -> list[int | None] | None:
