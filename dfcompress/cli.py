@@ -109,6 +109,14 @@ def inspect(
     emit(info, _inspect_lines(info), json_out)
 
 
+def _stat_layer_kinds(info: dict) -> str:
+    """What the statistics term constrains (taps.stat_layers): BN inputs, else conv outputs and token stages."""
+    if info["batchnorm_layers"]:
+        return "BatchNorm inputs"
+    kinds = ["conv outputs"] + (["token stages"] if info["token_stages"] else [])
+    return " and ".join(kinds) + "; statistics from `dfcompress stats MODEL --seeds DIR`"
+
+
 def _inspect_lines(info: dict) -> list[str]:
     c, h, w = info["input_shape"]
     lines = [f"model      {info['source']}  ({info['format']}{', arch ' + info['arch'] if info.get('arch') else ''})",
@@ -123,7 +131,7 @@ def _inspect_lines(info: dict) -> list[str]:
     if info["token_stages"]:
         t = info["token_stages"]
         lines.append(f"tokens     {len(t)} token stages, {t[0]['tokens']} tokens x {t[0]['channels']}ch: " + ", ".join(s["name"] for s in t))
-    lines.append(f"statistics {info['stat_layers']} layers" + ("" if info["bn_folded"] else " (BatchNorm inputs)"))
+    lines.append(f"statistics {info['stat_layers']} layers ({_stat_layer_kinds(info)})")
     if not info["pyramid"]:
         lines.append("pyramid    none: NaturalInversion runs without its Feature Transfer Pyramid (no spatial stages)")
     return lines

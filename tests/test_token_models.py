@@ -80,6 +80,8 @@ def test_inspect_stats_synthesize_distill(files, seeds, tmp_path, net, fmt):
         assert blocks == {"0", "1"} and len(info["token_stages"]) >= 4
         assert all(s["tokens"] == 17 for s in info["token_stages"])
         assert info["stat_layers"] == 1 + len(info["token_stages"])
+        text = run("inspect", model, *NORM, *shape, "--text").stdout
+        assert re.search(r"statistics +\d+ layers \(conv outputs and token stages; .*--seeds", text), text
     else:  # channels-last LayerNorm/Linear tensors are neither tokens nor fake resolutions
         assert info["token_stages"] == [] and [s["height"] for s in info["stages"]] == [8, 4]
     stats = tmp_path / "cc.safetensors"
