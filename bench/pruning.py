@@ -32,7 +32,7 @@ def prune_settings(args, ratio: float, importance: str, epochs: int):
 
     return resolve_settings("cifar10", {
         "seed": args.seed, "device": "cpu",
-        "prune.ratio": ratio, "prune.importance": importance, "prune.epochs": epochs,
+        "prune.ratio": ratio, "prune.target": args.target, "prune.importance": importance, "prune.epochs": epochs,
         "prune.lr": args.lr, "prune.batch_size": args.batch, "prune.export": False,
         "distill.holdout": 0.0,  # every cell fine-tunes on the whole set; real test images judge it
     })
@@ -70,7 +70,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"Fine-tuning: KD, {cfg['epochs']} epochs, lr {cfg['lr']}, batch {cfg['batch']}, on the same set. "
              f"Data-driven importances take gradients on {result['importance_images']} synthetic images. "
              f"Test sets: {result['eval_sizes']}. Cells: top-1 % JPEG / exact 846.", ""]
-    heads = ["channels removed", "importance", "params removed", "MACs removed", "right after pruning",
+    heads = [f"--ratio ({cfg['target']})", "importance", "params removed", "MACs removed", "right after pruning",
              "after fine-tuning", "rank+prune s", "rank+prune+fine-tune s"]
     rows = [[f"{r['ratio']:.0%}", r["importance"], f"{r['params_removed']:.1%}", f"{r['macs_removed']:.1%}",
              f"{r['before']['jpeg']:.2f} / {r['before']['exact846']:.2f}",
@@ -82,7 +82,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ratios", default="0.5,0.9", help="comma list of channel fractions removed per layer")
+    ap.add_argument("--ratios", default="0.5,0.9", help="comma list of --ratio values (fractions removed)")
+    ap.add_argument("--target", default="channels", choices=["channels", "params", "macs"], help="what --ratio measures")
     ap.add_argument("--importances", default=",".join(IMPORTANCES))
     ap.add_argument("--n", type=int, default=512, help="synthetic images (NI, BN statistics)")
     ap.add_argument("--iterations", type=int, default=80)
