@@ -33,7 +33,7 @@ def prune_settings(args, ratio: float, importance: str, epochs: int):
     return resolve_settings("cifar10", {
         "seed": args.seed, "device": "cpu",
         "prune.ratio": ratio, "prune.target": args.target, "prune.importance": importance, "prune.epochs": epochs,
-        "prune.lr": args.lr, "prune.batch_size": args.batch, "prune.export": False,
+        "prune.recalibrate_bn": args.recalibrate_bn, "prune.lr": args.lr, "prune.batch_size": args.batch, "prune.export": False,
         "distill.holdout": 0.0,  # every cell fine-tunes on the whole set; real test images judge it
     })
 
@@ -69,8 +69,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"Teacher top-1 (JPEG / exact 846): {result['teacher_top1']}. Synthetic set: {result['synthetic']}. "
              f"Fine-tuning: KD, {cfg['epochs']} epochs, lr {cfg['lr']}, batch {cfg['batch']}, on the same set. "
              f"Data-driven importances take gradients on {result['importance_images']} synthetic images. "
+             f"BatchNorm statistics re-estimated after pruning on: {cfg.get('recalibrate_bn', 0)} synthetic images (0: kept). "
              f"Test sets: {result['eval_sizes']}. Cells: top-1 % JPEG / exact 846.", ""]
-    heads = [f"--ratio ({cfg['target']})", "importance", "params removed", "MACs removed", "right after pruning",
+    heads = [f"--ratio ({cfg.get('target', 'channels')})", "importance", "params removed", "MACs removed", "right after pruning",
              "after fine-tuning", "rank+prune s", "rank+prune+fine-tune s"]
     rows = [[f"{r['ratio']:.0%}", r["importance"], f"{r['params_removed']:.1%}", f"{r['macs_removed']:.1%}",
              f"{r['before']['jpeg']:.2f} / {r['before']['exact846']:.2f}",
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=80)
     ap.add_argument("--synth", default=None, help="reuse this synthetic set instead of making one")
     ap.add_argument("--epochs", type=int, default=20, help="KD fine-tuning epochs after pruning")
+    ap.add_argument("--recalibrate-bn", dest="recalibrate_bn", type=int, default=0,
+                    help="re-estimate BatchNorm statistics on N synthetic images right after pruning (prune.recalibrate_bn)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--jpeg-limit", type=int, default=2000)

@@ -339,12 +339,14 @@ def prune(
     global_pruning: Annotated[Optional[bool], typer.Option("--global/--local", help="Rank channels across all layers instead of per layer.")] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N (edge hardware).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="Channel ranking: l1 (default) | l2 | taylor | hessian (gradients on the training set).")] = None,
+    recalibrate_bn: Annotated[Optional[int], typer.Option("--recalibrate-bn", help="Re-estimate BatchNorm statistics on N training images after pruning (0: off).")] = None,
     **o: Any,
 ) -> None:
     """L1-norm structured channel pruning (torch-pruning), then KD fine-tuning on the synthetic set."""
     settings = resolve(o["profile"], {**_training_overrides(o), "prune.ratio": ratio, "prune.target": target,
                                       "prune.global_pruning": global_pruning, "prune.round_to": round_to,
-                                      "prune.epochs": o["epochs"], "prune.importance": importance},
+                                      "prune.epochs": o["epochs"], "prune.importance": importance,
+                                      "prune.recalibrate_bn": recalibrate_bn},
                        o["dry_run"], o["save_config"])
     _run_stage("prune", settings, o)
 

@@ -26,6 +26,7 @@ from ..models.teacher import Teacher
 from ..settings import Settings
 from ..progress import log
 from ..models.zoo import customized_pruners
+from .bn_recalibration import recalibrate_batchnorm
 from .importance import DATA_DRIVEN, Batches, importance_batches, make_importance
 from .prune_ops import SkipGuard, apply_guard
 
@@ -279,6 +280,11 @@ def prune(teacher: Teacher, synth_dir: str | Path, settings: Settings, out_dir: 
     metrics["macs_removed"] = 1.0 - metrics["macs_after"] / metrics["macs_before"]
 
     train_set, holdout = split_holdout(dataset, settings.distill.holdout, settings.seed)
+    bn_images = min(len(train_set), ps.recalibrate_bn)  # never the held-out images the agreement is judged on
+    if bn_images:
+        layers = recalibrate_batchnorm(pruned, stack_images(train_set, limit=bn_images), teacher, runtime)
+        log(f"prune: BatchNorm statistics of {layers} layers re-estimated on {bn_images} training images")
+    metrics["bn_recalibration_images"] = bn_images
     hold_images = stack_images(holdout) if holdout is not None else None
     teacher_hold = module_logits(teacher.module, hold_images, teacher, runtime) if hold_images is not None else None
 
