@@ -339,7 +339,7 @@ def prune(
     global_pruning: Annotated[Optional[bool], typer.Option("--global/--local", help="Rank channels across all layers instead of per layer.")] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N (edge hardware).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="Channel ranking: l1 (default) | l2 | taylor | hessian (gradients on the training set).")] = None,
-    recalibrate_bn: Annotated[Optional[int], typer.Option("--recalibrate-bn", help="Re-estimate BatchNorm statistics on N training images after pruning (0: off).")] = None,
+    recalibrate_bn: Annotated[Optional[int], typer.Option("--recalibrate-bn", help="Re-estimate BatchNorm statistics on N training images after pruning (default 256; 0: off).")] = None,
     **o: Any,
 ) -> None:
     """L1-norm structured channel pruning (torch-pruning), then KD fine-tuning on the synthetic set."""

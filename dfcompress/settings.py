@@ -107,7 +107,7 @@ class PruneSettings:
     round_to: Optional[int] = _f(None, "keep channel counts a multiple of N (edge hardware)", min=1)
     importance: str = _f("l1", "channel ranking: weight magnitude (l1, l2) or gradients on the training set (taylor, hessian)", choices=["l1", "l2", "taylor", "hessian"])
     importance_images: int = _f(256, "training images whose gradients rank channels for taylor/hessian", min=1)
-    recalibrate_bn: int = _f(0, "training images to re-estimate BatchNorm statistics on after pruning (0: keep the teacher's)", min=0)
+    recalibrate_bn: int = _f(256, "training images to re-estimate BatchNorm statistics on after pruning (0: keep the teacher's)", min=0)
     epochs: int = _f(10, "KD fine-tuning epochs on the synthetic set after pruning", min=0)
     batch_size: int = _f(128, "fine-tuning batch size", min=1)
     lr: float = _f(0.01, "fine-tuning learning rate", min=0.0, min_exclusive=True)
