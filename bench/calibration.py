@@ -60,14 +60,6 @@ class ArrayReader:
         self.pos = 0
 
 
-def ni_settings(n: int, batch: int, iterations: int, seed: int):
-    from dfcompress.settings import resolve_settings
-
-    return resolve_settings("cifar10", {"seed": seed, "device": "cpu", "synthesize.method": "naturalinversion",
-                                        "synthesize.num_images": n, "synthesize.batch_size": batch,
-                                        "synthesize.iterations": iterations})
-
-
 def synthesize_set(teacher, settings, out: Path, stats=None) -> torch.Tensor:
     """uint8 images of a (resumed) NI run in ``out``."""
     from dfcompress.data.synthetic import SyntheticSet
@@ -91,7 +83,7 @@ def calibration_inputs(name: str, args, work: Path, timings: dict) -> dict[str, 
     n, g = args.n, torch.Generator().manual_seed(args.seed)
     shape = (n, *torch_teacher.input_shape)
     pixels: dict[str, torch.Tensor] = {"b": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)}
-    settings = ni_settings(n, args.batch, args.iterations, args.seed)
+    settings = common.ni_settings(n, args.batch, args.iterations, args.seed)
     t0 = time.perf_counter()
     pixels["c"] = synthesize_set(torch_teacher, settings, work / name / "ni")
     timings["c"] = round(time.perf_counter() - t0, 1)

@@ -44,6 +44,16 @@ TRAIN_TAR = "cifar10/cifar10_yoongikim_jpeg_train.tar.gz"
 LABELS = "cifar10/cifar10_labels_official.npz"
 
 
+def ni_settings(n: int, batch: int, iterations: int, seed: int):
+    """Profile cifar10 with a short NaturalInversion run on CPU: the synthetic set the calibration and
+    pruning benches share the recipe of."""
+    from dfcompress.settings import resolve_settings
+
+    return resolve_settings("cifar10", {"seed": seed, "device": "cpu", "synthesize.method": "naturalinversion",
+                                        "synthesize.num_images": n, "synthesize.batch_size": batch,
+                                        "synthesize.iterations": iterations})
+
+
 def require(*rel: str) -> None:
     """Stop with one clear line when shared data a benchmark needs is absent."""
     missing = [str(shared(r)) for r in rel if not shared(r).exists()]

@@ -41,16 +41,12 @@ def prune_settings(args, ratio: float, importance: str, epochs: int):
 def synthetic_set(args, teacher, work: Path, runtime) -> tuple[Path, float]:
     """The synthetic set to rank channels and fine-tune on, and the seconds it took to make (0 when reused)."""
     from dfcompress.inversion.runner import synthesize
-    from dfcompress.settings import resolve_settings
 
     if args.synth:
         return Path(args.synth), 0.0
     out = work / "synth"
-    settings = resolve_settings("cifar10", {"seed": args.seed, "device": "cpu", "synthesize.method": "naturalinversion",
-                                            "synthesize.num_images": args.n, "synthesize.batch_size": 128,
-                                            "synthesize.iterations": args.iterations})
     t0 = time.perf_counter()
-    synthesize(teacher, settings, out, runtime)
+    synthesize(teacher, common.ni_settings(args.n, 128, args.iterations, args.seed), out, runtime)
     return out, round(time.perf_counter() - t0, 1)
 
 

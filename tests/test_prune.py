@@ -7,6 +7,7 @@ the machinery, not a data-free quality claim.
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -261,7 +262,7 @@ def test_prune_with_batchnorm_recalibration_starts_closer_to_the_teacher(tmp_pat
                                        "--epochs", "0", "--recalibrate-bn", str(n), "-o", str(out), "--device", "cpu"],
                                  catch_exceptions=False)
         assert res.exit_code == 0, res.output
-        metrics = __import__("json").loads((out / "report.json").read_text())["metrics"]
+        metrics = json.loads((out / "report.json").read_text())["metrics"]
         assert metrics["bn_recalibration_images"] == min(n, 256 - metrics["holdout_images"])
         agree[n] = metrics["before_finetune"]["holdout_agreement"]
     assert agree[256] > agree[0] + 10, agree
