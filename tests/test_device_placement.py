@@ -92,6 +92,20 @@ def test_inference_paths_run_the_teacher_on_the_runtime_device(teacher, make_run
 
 
 @pytest.mark.parametrize("make_runtime", _targets())
+def test_batchnorm_recalibration_runs_on_the_runtime_device(teacher, make_runtime):
+    """prune's BN re-estimation feeds the pruned model stored images: model and images on the runtime device
+    (on meta it stops at the first BN layer, which reads its batch counter on the host)."""
+    from dfcompress.compress.bn_recalibration import recalibrate_batchnorm
+
+    runtime = make_runtime()
+    with placement(model=teacher.module) as seen:
+        run_until_host_copy(lambda: recalibrate_batchnorm(teacher.module, digits_test_data(limit=16).x, teacher, runtime,
+                                                          batch_size=8), runtime)
+    assert seen["model"], "the model never ran"
+    _assert_on(seen, runtime)
+
+
+@pytest.mark.parametrize("make_runtime", _targets())
 def test_kd_step_runs_teacher_and_student_on_the_runtime_device(tmp_path, teacher, make_runtime):
     from dfcompress.compress.distill import build_student
 
